@@ -1,0 +1,144 @@
+"""Where each architecture's MLP activations live.
+
+MLP blocks are found structurally, not from a list of class names: a block is a module that holds a
+down-projection (`down_proj`, `wo`, `c_proj`, `fc2`, ...) next to an activation module or an up-projection.
+That one rule covers Llama, Mistral, Qwen2, Gemma, Phi, Phi-3, GPT-2, OPT and T5 (ReLU and gated), and
+keeps working for fused MLPs such as Liger's (no activation module, but a down-projection). BERT and RoBERTa
+split their MLP over two sibling modules (`intermediate` and `output.dense`) and get one extra rule.
+
+Names are module paths relative to the base model, so they are the same with or without a PEFT wrapper.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from .config import DeftConfig, DeftConfigError
+
+ACTIVATION_ATTRS = ("act_fn", "act", "activation_fn", "intermediate_act_fn", "activation")
+DOWN_PROJ_ATTRS = ("down_proj", "wo", "c_proj", "fc2", "dense_4h_to_h", "fc_out", "w2")
+UP_PROJ_ATTRS = ("gate_proj", "up_proj", "gate_up_proj", "wi", "wi_0", "wi_1", "c_fc", "fc1", "dense_h_to_4h", "fc_in", "w1")
+
+
+@dataclass(frozen=True)
+class MlpSite:
+    """One MLP block and its two capture points."""
+
+    name: str  # module path of the block, relative to the base model
+    stack: str  # "encoder" or "decoder"
+    act: nn.Module | None  # the activation module (capture="act"), None when the MLP has none (fused, callable act)
+    down: nn.Module | None  # the down-projection (capture="down_in")
+
+    def capture_module(self, capture: str) -> nn.Module | None:
+        return self.act if capture == "act" else self.down
+
+
+def base_model_of(model: nn.Module) -> nn.Module:
+    """The model under a PEFT wrapper (and under DDP/DeepSpeed `.module` wrappers), else the model itself."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module) and not _has_own_params(model):
+        model = model.module
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _has_own_params(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters(recurse=False))
+
+
+def _child(module: nn.Module, attrs: tuple[str, ...]) -> nn.Module | None:
+    for attr in attrs:
+        child = getattr(module, attr, None)
+        if isinstance(child, nn.Module):
+            return child
+    return None
+
+
+def _stack_of(name: str) -> str:
+    parts = name.split(".")
+    if "encoder" in parts:
+        return "encoder"
+    return "decoder"  # decoder stacks of encoder-decoders, and every decoder-only LM
+
+
+def _as_site(name: str, module: nn.Module) -> MlpSite | None:
+    # BERT / RoBERTa layer: act(dense(x)) lives in `intermediate`, the down-projection is `output.dense`.
+    intermediate, output = getattr(module, "intermediate", None), getattr(module, "output", None)
+    if isinstance(intermediate, nn.Module) and isinstance(getattr(output, "dense", None), nn.Module):
+        return MlpSite(name, _stack_of(name), _child(intermediate, ACTIVATION_ATTRS), output.dense)
+    down = _child(module, DOWN_PROJ_ATTRS)
+    if down is None:
+        return None
+    act = _child(module, ACTIVATION_ATTRS)
+    if act is None and _child(module, UP_PROJ_ATTRS) is None:
+        return None  # e.g. GPT-2 attention: has `c_proj` but is no MLP
+    return MlpSite(name, _stack_of(name), act, down)
+
+
+def find_mlp_sites(model: nn.Module, config: DeftConfig) -> list[MlpSite]:
+    """Every MLP block of `model` (a plain or PEFT-wrapped HF model) selected by `config.layers`,
+    in forward order (encoder first). Raises DeftConfigError when nothing usable is found."""
+    base = base_model_of(model)
+    if config.modules:
+        sites = _sites_from_patterns(base, config.modules)
+    else:
+        sites = []
+        for name, module in base.named_modules():
+            if any(name.startswith(found.name + ".") for found in sites):
+                continue  # never look for an MLP inside an MLP (LoRA wrappers, nested projections)
+            site = _as_site(name, module)
+            if site is not None:
+                sites.append(site)
+        if not sites:
+            raise DeftConfigError(
+                f"no MLP block found in {type(base).__name__}: DEFT knows blocks holding a down-projection "
+                f"({', '.join(DOWN_PROJ_ATTRS)}) next to an activation or up-projection. "
+                "Name the modules to hook with DeftConfig(modules=[<regex>, ...])."
+            )
+    sites = _select_layers(sites, config.layers)
+    missing = [s.name for s in sites if s.capture_module(config.capture) is None]
+    if missing:
+        hint = (
+            "its activation is fused or a plain function (e.g. Liger kernels); use capture='down_in'"
+            if config.capture == "act"
+            else "name the modules with DeftConfig(modules=...)"
+        )
+        raise DeftConfigError(
+            f"capture={config.capture!r}: {len(missing)} MLP block(s) have no module to hook "
+            f"(first: {missing[0]}); {hint}"
+        )
+    return sites
+
+
+def _sites_from_patterns(base: nn.Module, patterns: list[str]) -> list[MlpSite]:
+    sites = []
+    for name, module in base.named_modules():
+        if name and any(re.search(p, name) for p in patterns):
+            sites.append(MlpSite(name, _stack_of(name), module, module))
+    if not sites:
+        raise DeftConfigError(
+            f"DeftConfig.modules={patterns!r} matches no module of {type(base).__name__}; "
+            "print [n for n, _ in model.named_modules()] to see the names"
+        )
+    return sites
+
+
+def _select_layers(sites: list[MlpSite], layers) -> list[MlpSite]:
+    if layers is None:
+        return sites
+    if isinstance(layers[0], int):
+        out_of_range = [i for i in layers if i >= len(sites)]
+        if out_of_range:
+            raise DeftConfigError(
+                f"DeftConfig.layers: index {out_of_range[0]} is out of range; this model has {len(sites)} "
+                f"MLP layers, indices 0..{len(sites) - 1} (encoder first, then decoder)"
+            )
+        return [sites[i] for i in layers]
+    chosen = [s for s in sites if any(re.search(p, s.name) for p in layers)]
+    if not chosen:
+        raise DeftConfigError(
+            f"DeftConfig.layers={layers!r} matches no MLP block; the blocks are named like {sites[0].name!r}"
+        )
+    return chosen

@@ -1,0 +1,154 @@
+"""`DeftConfig`: every setting of activation-density DEFT, validated once, in one place.
+
+Every adapter (HF callback and mixin, TRL mixin, Axolotl `deft:` block, DeepSpeed hook) takes this same object,
+so a field means the same thing everywhere. Note: PEFT >= 0.21 exports an unrelated `peft.DeftConfig`
+("Decompositional Efficient Fine-Tuning"); this one is `deft_common.DeftConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any
+
+CAPTURE_POINTS = ("act", "down_in")
+
+# A string of the form "2-5" or "2:5" selects a range of layer indices (inclusive "-", Python-style ":").
+_RANGE = re.compile(r"^\s*(\d+)\s*([-:])\s*(\d+)\s*$")
+
+
+class DeftConfigError(ValueError):
+    """A DEFT setting is wrong; the message names the field and how to fix it."""
+
+
+@dataclass
+class DeftConfig:
+    """Settings of the density loss and the density metric.
+
+    coef:       λ, the weight of the density term: loss = task loss + coef * density loss (paper: 1.0).
+    eps:        ε of the surrogate s(a) = a² / (a² + ε) (paper: 1e-7).
+    threshold:  τ of the density metric: an entry counts as active when |a| > τ (0 = exact non-zeros, the paper's metric).
+    capture:    "act" = output of the MLP activation module (paper-faithful);
+                "down_in" = input of the MLP down-projection (the true pattern of gated MLPs; survives fused MLPs).
+    layers:     which MLP layers: None (all), an index, a list of indices, a range ("2-5" inclusive, "2:5" Python-style,
+                or `range(2, 6)`), or a regular expression matched against the MLP block's module name
+                (e.g. "decoder" for the decoder stack of T5).
+    modules:    for architectures DEFT does not know: regular expression(s) naming the modules to hook directly
+                (their output for capture="act", their input for capture="down_in"), e.g. r"blocks\\.\\d+\\.ffn\\.act".
+    coef_warmup_steps: linearly ramp coef from 0 to its value over this many optimizer steps (0 = no ramp).
+    """
+
+    coef: float = 1.0
+    eps: float = 1e-7
+    threshold: float = 0.0
+    capture: str = "act"
+    layers: Any = None
+    modules: Any = None
+    coef_warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        _check_number("coef", self.coef, minimum=0.0, fix="use 0 to only measure density, or a positive weight such as 1.0")
+        _check_number("eps", self.eps, minimum=0.0, strict=True, fix="use a small positive value such as 1e-7 (the paper's)")
+        _check_number("threshold", self.threshold, minimum=0.0, fix="use 0 for exact non-zeros, or a small positive τ such as 1e-3")
+        if self.capture not in CAPTURE_POINTS:
+            raise DeftConfigError(
+                f"DeftConfig.capture={self.capture!r} is unknown; use 'act' (activation output, paper-faithful) "
+                "or 'down_in' (input of the down-projection, for gated or fused MLPs)"
+            )
+        if isinstance(self.coef_warmup_steps, bool) or not isinstance(self.coef_warmup_steps, int) or self.coef_warmup_steps < 0:
+            raise DeftConfigError(
+                f"DeftConfig.coef_warmup_steps={self.coef_warmup_steps!r} must be a whole number >= 0 (0 = no ramp)"
+            )
+        self.layers = _normalise_layers(self.layers)
+        self.modules = _normalise_patterns("modules", self.modules)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> "DeftConfig":
+        """Build from a plain mapping (YAML block, JSON); unknown keys are an error, never ignored."""
+        values = dict(values or {})
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise DeftConfigError(f"unknown DEFT setting(s) {unknown}; the known settings are {cls.field_names()}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        out = {name: getattr(self, name) for name in self.field_names()}
+        if isinstance(out["layers"], range):
+            out["layers"] = list(out["layers"])
+        return out
+
+    def coef_at(self, step: int) -> float:
+        """The density weight at optimizer step `step` (after the linear warm-up, if any)."""
+        if self.coef_warmup_steps <= 0:
+            return float(self.coef)
+        return float(self.coef) * min(1.0, (step + 1) / self.coef_warmup_steps)
+
+
+def _check_number(name: str, value: Any, minimum: float, fix: str, strict: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DeftConfigError(f"DeftConfig.{name}={value!r} must be a number; {fix}")
+    if value != value or value < minimum or (strict and value == minimum):
+        relation = ">" if strict else ">="
+        raise DeftConfigError(f"DeftConfig.{name}={value!r} must be {relation} {minimum:g}; {fix}")
+
+
+def _normalise_patterns(name: str, value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    patterns = [value] if isinstance(value, str) else value
+    if not isinstance(patterns, (list, tuple)) or not patterns or not all(isinstance(p, str) for p in patterns):
+        raise DeftConfigError(f"DeftConfig.{name}={value!r} must be a regular expression or a non-empty list of them")
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as err:
+            raise DeftConfigError(f"DeftConfig.{name}: {p!r} is not a valid regular expression ({err})") from None
+    return list(patterns)
+
+
+def _normalise_layers(value: Any) -> Any:
+    """Return None, a sorted list of indices, or a list of regular expressions."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise DeftConfigError(f"DeftConfig.layers={value!r} is not a layer selection; use None for all layers")
+    if isinstance(value, int):
+        value = [value]
+    if isinstance(value, range):
+        value = list(value)
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise DeftConfigError(
+            f"DeftConfig.layers={value!r} must be None, an index, a list of indices, a range such as '2-5', "
+            "or a module-name regular expression"
+        )
+    indices: list[int] = []
+    patterns: list[str] = []
+    for item in value:
+        if isinstance(item, bool):
+            raise DeftConfigError(f"DeftConfig.layers: {item!r} is not a layer index")
+        if isinstance(item, int):
+            if item < 0:
+                raise DeftConfigError(f"DeftConfig.layers: index {item} is negative; layer indices start at 0")
+            indices.append(item)
+        elif isinstance(item, range):
+            indices.extend(item)
+        elif isinstance(item, str) and _RANGE.match(item):
+            start, sep, stop = _RANGE.match(item).groups()
+            start, stop = int(start), int(stop) + (1 if sep == "-" else 0)
+            if stop <= start:
+                raise DeftConfigError(f"DeftConfig.layers: range {item!r} is empty")
+            indices.extend(range(start, stop))
+        elif isinstance(item, str):
+            patterns.extend(_normalise_patterns("layers", item))
+        else:
+            raise DeftConfigError(f"DeftConfig.layers: {item!r} is neither a layer index, a range nor a pattern")
+    if indices and patterns:
+        raise DeftConfigError("DeftConfig.layers: give either layer indices/ranges or module-name patterns, not both")
+    return sorted(set(indices)) if indices else patterns
