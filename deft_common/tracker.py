@@ -52,6 +52,7 @@ class DensityTracker:
         base = base_model_of(model)
         self.is_encoder_decoder = bool(getattr(getattr(base, "config", None), "is_encoder_decoder", False))
         self.sites: list[MlpSite] = find_mlp_sites(model, self.config)
+        self.virtual_tokens = _prompt_tokens(model)
         self.thresholds: tuple[float, ...] = tuple(sorted({0.0, float(self.config.threshold)}))
         self._recording = False
         self._grad_expected = False
@@ -73,6 +74,8 @@ class DensityTracker:
         if not isinstance(a, torch.Tensor) or not a.is_floating_point():
             return
         recording = self._recording and not _in_backward()
+        if recording and self._grad_expected and not torch.is_grad_enabled():
+            recording = False  # a no-grad forward inside a training step (e.g. TRL's metrics-only pass): not the loss
         if not recording and not (torch.is_grad_enabled() and a.requires_grad):
             return  # inference, eval, generate(): no work, nothing kept
         row_weight, real_rows = self._row_weight(site, a) if recording else (None, 0)
@@ -92,19 +95,20 @@ class DensityTracker:
             return None, a.numel() // a.shape[-1]
         cache_key = (key, tuple(a.shape[:-1]), a.device)
         if cache_key not in self._row_weights:
-            weight = self._align_mask(mask, a, site, key)
+            weight = self._align_mask(mask, a, site, key, self.virtual_tokens)
             self._row_weights[cache_key] = (weight, int(weight.sum().item()))
         return self._row_weights[cache_key]
 
     @staticmethod
-    def _align_mask(mask: torch.Tensor, a: torch.Tensor, site: MlpSite, key: str) -> torch.Tensor:
+    def _align_mask(mask: torch.Tensor, a: torch.Tensor, site: MlpSite, key: str, virtual_tokens: int = 0) -> torch.Tensor:
         name = "attention_mask" if key == "encoder" else "decoder_attention_mask"
         batch, length = mask.shape
         if a.dim() == 3:
-            if a.shape[0] != batch or a.shape[1] < length:
+            if a.shape[0] != batch or a.shape[1] not in (length, length + virtual_tokens):
                 raise DeftInputError(
                     f"{name} has shape {tuple(mask.shape)} but {site.name} saw activations of shape {tuple(a.shape)}; "
-                    f"pass the (batch, seq_len) mask of the batch given to the model"
+                    "pass the (batch, seq_len) mask of the batch given to the model (with PEFT prompt tuning, "
+                    "build the DensityTracker on the PeftModel so it knows the virtual tokens)"
                 )
             extra = a.shape[1] - length
             if extra:  # PEFT prompt tuning prepends virtual tokens; they are real positions the MLP computes
@@ -219,6 +223,17 @@ class DensityTracker:
             handle.remove()
         self._handles = []
         self.clear()
+
+
+def _prompt_tokens(model: nn.Module) -> int:
+    """How many virtual tokens PEFT prompt tuning / p-tuning prepends to the input (0 for any other model):
+    only then may activations be longer than the attention mask."""
+    while not hasattr(model, "active_peft_config") and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module  # DDP / DeepSpeed wrappers
+    peft_config = getattr(model, "active_peft_config", None)
+    if not getattr(peft_config, "is_prompt_learning", False):
+        return 0
+    return int(getattr(peft_config, "num_virtual_tokens", 0) or 0)
 
 
 def _check_mask(name: str, mask) -> torch.Tensor | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import __version__
+from deft_common import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:

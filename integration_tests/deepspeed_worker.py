@@ -1,0 +1,269 @@
+"""DeepSpeed runs for test_deepspeed.py. Each command runs in its own process(es), so DeepSpeed's distributed state
+never leaks into pytest or between tests; results go to a torch.save file the test compares.
+
+    python deepspeed_worker.py engine OUT                  # raw engine loops, ZeRO 0-3, GA, errors (1 process)
+    python -m torch.distributed.run --nproc_per_node 2 deepspeed_worker.py engine_2proc OUT
+    python deepspeed_worker.py trainer OUT --stages none,2,3  # HF Trainer (+ DeepSpeed) with deft_hf
+
+Needs MASTER_ADDR, MASTER_PORT, RANK, LOCAL_RANK, WORLD_SIZE in the environment (the test or torchrun sets them).
+Model: the tiny fixture Llama with LoRA adapters; optimizer: SGD with lr 1, so a weight's change after one step is
+minus its gradient and comparing weights compares gradients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+import tempfile
+
+HERE = pathlib.Path(__file__).resolve().parent
+for path in (HERE.parent / "plugins", HERE.parent, HERE):
+    sys.path.insert(0, str(path))
+
+import torch  # noqa: E402
+
+from deft_common import DeftConfig, DensityTracker  # noqa: E402
+from fixtures import make_batch, make_collator, make_model, make_train_dataset  # noqa: E402
+
+# eps well above the paper's 1e-7, so that the density term moves the gradients by a clearly measurable amount;
+# threshold > 0, so that the density of this random SiLU model (no exact zeros) is a fraction, not 1.0.
+CONFIG = DeftConfig(coef=2.0, eps=1e-3, threshold=0.02)
+LR = 1.0
+ROWS = 4
+
+
+def lora_model():
+    from peft import LoraConfig, get_peft_model
+
+    model = make_model("llama", seed=0)
+    torch.manual_seed(1)  # the LoRA initialisation draws from the global RNG
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                      target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])
+    return get_peft_model(model, lora)
+
+
+def lora_weights(model, zero3: bool = False) -> dict[str, torch.Tensor]:
+    import deepspeed
+
+    params = {name: p for name, p in model.named_parameters() if "lora_" in name}
+    with deepspeed.zero.GatheredParameters(list(params.values()), enabled=zero3):
+        return {name: p.detach().clone().float() for name, p in params.items()}
+
+
+def delta(before: dict, after: dict) -> dict[str, torch.Tensor]:
+    return {name: after[name] - before[name] for name in before}
+
+
+def rows(batch: dict, start: int, stop: int) -> dict:
+    return {key: value[start:stop] for key, value in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------- by hand
+def reference(batch: dict, config: DeftConfig | None) -> dict:
+    """One SGD step on the whole batch, loss = task loss + coef * density loss written out with deft_common
+    (config None: the task loss alone)."""
+    model = lora_model()
+    before = lora_weights(model)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+    if config is None:
+        loss = model(**batch).loss
+        density = None
+    else:
+        tracker = DensityTracker(model, config)
+        with tracker.record(**tracker.masks_for(batch)):
+            out = model(**batch)
+        loss = out.loss + config.coef * tracker.density_loss()
+        density = tracker.mean_density()
+    loss.backward()
+    optimizer.step()
+    return {"loss": loss.item(), "delta": delta(before, lora_weights(model)), "density": density}
+
+
+# ---------------------------------------------------------------------------------------------- DeepSpeed
+def deepspeed_step(batch: dict, stage: int, micro: int, config: DeftConfig | None = CONFIG,
+                   gas_workaround: bool = False, first_row: int = 0) -> dict:
+    """One optimizer step through DeftLossHook + a DeepSpeed engine over `micro`-row micro-batches of this
+    process's rows (the default raw loop, or the documented workaround for deepspeed < 0.19.8).
+    config None: plain DeepSpeed, no DEFT."""
+    import deepspeed
+
+    from deft_deepspeed import DeftLossHook
+
+    world = int(os.environ["WORLD_SIZE"])
+    local_rows = batch["input_ids"].shape[0] // world
+    gas = local_rows // micro
+    model = lora_model()
+    hook = None if config is None else DeftLossHook(model, config)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config={
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": gas,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 0.0,  # DeepSpeed clips to norm 1.0 by default
+        "steps_per_print": 1_000_000,
+    })
+    before = lora_weights(model, zero3=stage == 3)
+    losses = []
+    try:
+        for start in range(first_row, first_row + local_rows, micro):
+            out = engine(**rows(batch, start, start + micro))
+            if gas_workaround:
+                engine.backward(out.loss / engine.gradient_accumulation_steps(), scale_wrt_gas=False)
+            else:
+                engine.backward(out.loss)
+            engine.step()
+            losses.append(out.loss.item())
+    except Exception as error:  # reported to the test, which asserts on type and message
+        return {"error": f"{type(error).__name__}: {error}"}
+    result = {
+        "loss": sum(losses) / len(losses),
+        "delta": delta(before, lora_weights(model, zero3=stage == 3)),
+        "metrics": None if hook is None else hook.last_metrics(),
+        "global_steps": engine.global_steps,
+    }
+    if hook is not None:
+        hook.remove()
+    return result
+
+
+def run_engine(path: pathlib.Path) -> None:
+    import deepspeed
+
+    from deft_common import DeftLossError
+    from deft_deepspeed import DeftLossHook
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    padded = make_batch("llama", ROWS, 12, padding=True, seed=0)
+    full = make_batch("llama", ROWS, 12, padding=False, seed=1)  # equal rows: 4 micro-batches of 1 == 1 of 4
+    results = {
+        "deepspeed_version": deepspeed.__version__,
+        "reference": reference(padded, CONFIG),
+        "reference_task_only": reference(padded, None),
+        "reference_full": reference(full, CONFIG),
+    }
+    for stage in (0, 1, 2, 3):
+        results[f"stage{stage}"] = deepspeed_step(padded, stage, micro=ROWS)
+    for stage in (0, 3):
+        results[f"full_stage{stage}_1x4"] = deepspeed_step(full, stage, micro=ROWS)
+        results[f"full_stage{stage}_4x1"] = deepspeed_step(full, stage, micro=1)
+        results[f"full_stage{stage}_4x1_workaround"] = deepspeed_step(full, stage, micro=1, gas_workaround=True)
+
+    # coef_warmup_steps follows engine.global_steps without any line in the loop.
+    model = lora_model()
+    hook = DeftLossHook(model, DeftConfig(coef=2.0, eps=1e-3, coef_warmup_steps=4))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config={
+        "train_micro_batch_size_per_gpu": ROWS, "zero_optimization": {"stage": 0}, "steps_per_print": 1_000_000})
+    coefs = []
+    for _ in range(3):
+        out = engine(**padded)
+        coefs.append(hook.last_metrics()["deft/loss"] / hook.tracker.density_loss().item())
+        engine.backward(out.loss)
+        engine.step()
+    results["warmup_coefs"] = coefs
+
+    # A forward without labels: the model returns no loss.
+    unlabelled = {key: value for key, value in padded.items() if key != "labels"}
+    try:
+        engine(**unlabelled)
+        results["no_loss_error"] = None
+    except DeftLossError as error:
+        results["no_loss_error"] = str(error)
+    # Evaluation forwards are left alone.
+    engine.eval()
+    with torch.no_grad():
+        results["eval_loss_is_task_loss"] = bool(
+            torch.allclose(engine(**padded).loss, model.get_base_model()(**padded).loss)
+        )
+    torch.save(results, path)
+
+
+def run_engine_2proc(path: pathlib.Path) -> None:
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    full = make_batch("llama", ROWS, 12, padding=False, seed=1)
+    per_rank = ROWS // world
+    results = {"world_size": world}
+    for stage in (2, 3):
+        results[f"stage{stage}"] = deepspeed_step(full, stage, micro=per_rank, first_row=rank * per_rank)
+        if "error" in results[f"stage{stage}"]:  # does DeepSpeed run this setup at all, without DEFT?
+            results[f"stage{stage}_plain"] = deepspeed_step(full, stage, micro=per_rank, first_row=rank * per_rank,
+                                                            config=None)
+    if rank == 0:
+        torch.save(results, path)
+
+
+# ---------------------------------------------------------------------------------------------- HF Trainer
+def run_trainer(path: pathlib.Path, stages: list[str]) -> None:
+    """Train 2 optimizer steps (GA 2) with DeftTrainerMixin and with DeftCallback, for each stage in `stages`
+    ("none" = no DeepSpeed, "2", "3" = ZeRO stage) one after the other in this process."""
+    from transformers import Trainer, TrainingArguments
+
+    from deft_hf import DeftCallback, DeftTrainerMixin
+
+    class DeftTrainer(DeftTrainerMixin, Trainer):
+        pass
+
+    # The models first: built after TrainingArguments with ZeRO-3 exists, they would be initialised partitioned
+    # (zero.Init) from a different random stream than in the run without DeepSpeed.
+    models = {(stage, adapter): lora_model() for stage in stages for adapter in ("mixin", "callback")}
+    results = {stage: {} for stage in stages}
+    for (stage, adapter), model in models.items():
+        with tempfile.TemporaryDirectory() as output_dir:
+            args = TrainingArguments(
+                output_dir=output_dir, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2,
+                learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
+                seed=0, disable_tqdm=True, deepspeed=None if stage == "none" else _trainer_deepspeed_config(stage),
+            )
+            common = dict(model=model, args=args, train_dataset=make_train_dataset("llama", n=16, seq_len=16),
+                          data_collator=make_collator("llama"))
+            if adapter == "mixin":
+                trainer = DeftTrainer(**common, deft_config=CONFIG)
+            else:
+                trainer = Trainer(**common, callbacks=[DeftCallback(CONFIG)])
+            trainer.train()
+            logs = [entry for entry in trainer.state.log_history if "loss" in entry and "deft/density" in entry]
+            results[stage][adapter] = {
+                "loss": [entry["loss"] for entry in logs],
+                "density": [entry["deft/density"] for entry in logs],
+                "deft_loss": [entry["deft/loss"] for entry in logs],
+                "engine": type(trainer.model_wrapped).__name__,
+                "zero_stage": getattr(trainer.model_wrapped, "zero_optimization_stage", lambda: None)(),
+            }
+    torch.save(results, path)
+
+
+def _trainer_deepspeed_config(stage: str) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto",
+                                                   "torch_adam": True}},
+        "zero_optimization": {"stage": int(stage)},
+        "steps_per_print": 1_000_000,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("command", choices=["engine", "engine_2proc", "trainer"])
+    parser.add_argument("out", type=pathlib.Path)
+    parser.add_argument("--stages", default="none", help="trainer: comma-separated, e.g. none,2,3")
+    args = parser.parse_args()
+    if args.command == "engine":
+        run_engine(args.out)
+    elif args.command == "engine_2proc":
+        run_engine_2proc(args.out)
+    else:
+        run_trainer(args.out, args.stages.split(","))
+
+
+if __name__ == "__main__":
+    main()

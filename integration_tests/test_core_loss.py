@@ -1,0 +1,152 @@
+"""The density loss and the density metric equal the formulas, computed by hand from activations captured by
+our own hooks: per layer the mean over real tokens and hidden units of a²/(a²+ε), then the mean over layers."""
+
+import pytest
+import torch
+
+from core_reference import (
+    FAMILY_CAPTURES,
+    ActivationRecorder,
+    assert_grads_close,
+    hand_counts,
+    hand_layer_losses,
+    hand_loss,
+    real_token_masks,
+)
+from deft_common import DeftConfig, DensityTracker
+from fixtures import ENCODER_DECODER, make_batch, make_model
+
+def _run(family, model, batch, config, capture=None):
+    """One forward inside record(), with our own hooks on the same capture points."""
+    tracker = DensityTracker(model, config)
+    with ActivationRecorder(family, model, capture or config.capture) as recorder:
+        with tracker.record(**tracker.masks_for(batch)):
+            model(**batch)
+    return tracker, recorder
+
+
+@pytest.mark.parametrize("eps", [1e-7, 1e-3])
+@pytest.mark.parametrize("family, capture", FAMILY_CAPTURES)
+def test_density_loss_equals_the_formula(family, capture, eps):
+    model = make_model(family)
+    batch = make_batch(family, batch_size=3, seq_len=10)
+    tracker, recorder = _run(family, model, batch, DeftConfig(capture=capture, eps=eps))
+    masks = real_token_masks(family, batch)
+
+    loss = tracker.density_loss()
+    assert loss.dtype == torch.float32 and loss.dim() == 0 and loss.requires_grad
+    expected_layers = hand_layer_losses(recorder, masks, eps, dtype=torch.float64)
+    got_layers = tracker.layer_losses()
+    assert list(got_layers) == list(expected_layers)
+    for name, expected in expected_layers.items():
+        torch.testing.assert_close(got_layers[name].double(), expected.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(loss.double(), hand_loss(recorder, masks, eps, torch.float64).detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("family, capture", FAMILY_CAPTURES)
+def test_density_equals_a_hand_count(family, capture):
+    model = make_model(family)
+    batch = make_batch(family, batch_size=3, seq_len=10)
+    masks = real_token_masks(family, batch)
+    # A positive threshold that splits the entries: the median magnitude of the real activations.
+    with ActivationRecorder(family, model, capture) as probe:
+        model(**batch)
+    magnitudes = torch.cat([a[0].detach().reshape(*masks[probe.stacks[n]].shape, -1)[masks[probe.stacks[n]]].abs().flatten()
+                            for n, a in probe.acts.items()])
+    tau = float(magnitudes.median())
+    assert tau > 0
+
+    tracker, recorder = _run(family, model, batch, DeftConfig(capture=capture, threshold=tau))
+    for threshold in (0.0, tau):
+        expected = hand_counts(recorder, masks, threshold)
+        assert tracker.layer_counts(threshold) == expected
+        for name, (active, entries) in expected.items():
+            assert tracker.density(threshold)[name] == pytest.approx(active / entries)
+    # The configured threshold is the default, and it really filters something.
+    assert tracker.density() == tracker.density(tau)
+    assert tracker.mean_density(tau) < tracker.mean_density(0.0)
+    assert tracker.global_density() == tracker.density()  # no process group: the local counts
+    if family in ("t5", "opt") and capture == "act":  # ReLU: exact zeros, and the metric counts them as inactive
+        assert 0.2 < tracker.mean_density(0.0) < 0.8
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "t5", "bert", "gemma", "phi3"])
+@pytest.mark.parametrize("eps, tolerance", [(1e-7, 2e-3), (1e-3, 5e-4)])
+def test_bf16_model_gives_the_fp32_loss(family, eps, tolerance):
+    batch = make_batch(family, batch_size=3, seq_len=12)
+    losses = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = make_model(family, dtype=dtype)
+        tracker, recorder = _run(family, model, batch, DeftConfig(eps=eps))
+        losses[dtype] = tracker.density_loss()
+        assert losses[dtype].dtype == torch.float32
+        # Computed in fp32 from the model's activations: a bf16 computation would be off by ~1e-3.
+        expected = hand_loss(recorder, real_token_masks(family, batch), eps, dtype=torch.float32)
+        torch.testing.assert_close(losses[dtype], expected, rtol=1e-6, atol=1e-7)
+    assert abs(losses[torch.bfloat16].item() - losses[torch.float32].item()) < tolerance
+
+
+@pytest.mark.parametrize("family, capture", FAMILY_CAPTURES)
+def test_density_gradient_equals_the_gradient_of_the_formula(family, capture):
+    """The fused op's hand-written backward matches autograd through the eager formula."""
+    eps = 1e-3  # a well-conditioned ε, so the two computations agree to float precision
+    model = make_model(family)
+    batch = make_batch(family)
+    tracker, recorder = _run(family, model, batch, DeftConfig(capture=capture, eps=eps))
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = torch.autograd.grad(tracker.density_loss(), params, retain_graph=True, allow_unused=True)
+    expected = torch.autograd.grad(hand_loss(recorder, real_token_masks(family, batch), eps), params, allow_unused=True)
+    assert_grads_close(got, expected)
+    nonzero = sum(int(e is not None and e.abs().sum() > 0) for e in expected)
+    assert nonzero >= len(params) // 3  # the term reaches most of the model, not a corner of it
+
+
+def test_several_forwards_in_one_record_pool_their_tokens():
+    model = make_model("llama")
+    batch = make_batch("llama")
+    tracker = DensityTracker(model, DeftConfig(eps=1e-3))
+    with tracker.record(**tracker.masks_for(batch)):
+        model(**batch)
+    once_loss, once_counts = tracker.density_loss().detach(), tracker.layer_counts()
+    with tracker.record(**tracker.masks_for(batch)):
+        model(**batch)
+        model(**batch)
+    torch.testing.assert_close(tracker.density_loss().detach(), once_loss)
+    assert tracker.layer_counts() == {n: (2 * a, 2 * e) for n, (a, e) in once_counts.items()}
+    # A new record() starts from scratch.
+    with tracker.record(**tracker.masks_for(batch)):
+        model(**batch)
+    assert tracker.layer_counts() == once_counts
+
+
+def test_loss_without_mask_counts_every_position():
+    model = make_model("llama")
+    batch = make_batch("llama", padding=True)
+    tracker = DensityTracker(model, DeftConfig(eps=1e-3))
+    with ActivationRecorder("llama", model, "act") as recorder, tracker.record():
+        model(**batch)
+    everything = {"encoder": torch.ones_like(batch["attention_mask"], dtype=torch.bool)}
+    everything["decoder"] = everything["encoder"]
+    torch.testing.assert_close(tracker.density_loss(), hand_loss(recorder, everything, 1e-3))
+    masked = hand_loss(recorder, real_token_masks("llama", batch), 1e-3)
+    assert abs(tracker.density_loss().item() - masked.item()) > 1e-4  # the mask matters on this batch
+
+
+def test_coef_warmup_and_config_round_trip():
+    cfg = DeftConfig(coef=2.0, coef_warmup_steps=4, layers="0-1", capture="down_in")
+    assert [cfg.coef_at(s) for s in range(6)] == [0.5, 1.0, 1.5, 2.0, 2.0, 2.0]
+    assert DeftConfig(coef=0.5).coef_at(0) == 0.5
+    again = DeftConfig.from_dict(cfg.to_dict())
+    assert again == cfg and again.layers == [0, 1]
+
+
+@pytest.mark.parametrize("family", sorted(ENCODER_DECODER))
+def test_t5_encoder_and_decoder_use_their_own_masks(family):
+    """Encoder positions are weighted by attention_mask, decoder positions by the real label positions."""
+    model = make_model(family)
+    batch = make_batch(family, batch_size=3, seq_len=10)
+    tracker, recorder = _run(family, model, batch, DeftConfig(eps=1e-3))
+    masks = real_token_masks(family, batch)
+    swapped = {"encoder": masks["encoder"], "decoder": torch.ones_like(masks["decoder"])}
+    torch.testing.assert_close(tracker.density_loss(), hand_loss(recorder, masks, 1e-3))
+    assert abs(tracker.density_loss().item() - hand_loss(recorder, swapped, 1e-3).item()) > 1e-5

@@ -1,0 +1,261 @@
+"""deft_hf on the real transformers Trainer / Seq2SeqTrainer: DeftCallback and DeftTrainerMixin.
+
+Checks what a user relies on: the density term really reaches the optimised loss and the gradients (equal to
+deft_common by hand), gradient accumulation does not change it, density falls in training, the metrics reach
+state.log_history and the reporting callbacks, and the setups the callback cannot serve fail loudly.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from fixtures import make_batch, make_collator, make_model, make_train_dataset
+from reference import GradCapture, assert_grads_close, dataset_from_batch, disable_dropout, lora_model, reference_step
+from transformers import (
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    default_data_collator,
+)
+
+from deft_common import DeftConfig
+from deft_hf import DeftCallback, DeftCallbackError, DeftTrainerMixin
+
+KINDS = ["callback", "mixin"]
+
+
+def build_trainer(kind, model, train_dataset, config, tmp_path, trainer_cls=Trainer, callbacks=(), collator=None,
+                  eval_dataset=None, **args):
+    """A `trainer_cls` with DEFT through DeftCallback (kind="callback") or DeftTrainerMixin (kind="mixin").
+    SGD and no gradient clipping, so that weights and gradients follow the loss linearly."""
+    args_cls = Seq2SeqTrainingArguments if issubclass(trainer_cls, Seq2SeqTrainer) else TrainingArguments
+    defaults = dict(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], save_strategy="no",
+                    disable_tqdm=True, optim="sgd", learning_rate=0.1, max_grad_norm=0, logging_steps=1,
+                    per_device_train_batch_size=4, max_steps=1, seed=0)
+    common = dict(model=model, args=args_cls(**{**defaults, **args}), train_dataset=train_dataset,
+                  eval_dataset=eval_dataset, data_collator=collator or default_data_collator)
+    if kind == "mixin":
+        cls = type(f"Deft{trainer_cls.__name__}", (DeftTrainerMixin, trainer_cls), {})
+        return cls(**common, callbacks=list(callbacks), deft_config=config)
+    return trainer_cls(**common, callbacks=[*callbacks, DeftCallback(config)])
+
+
+def weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def train_logs(trainer):
+    return [h for h in trainer.state.log_history if "loss" in h]
+
+
+# ----------------------------------------------------------------------------------------- the loss itself
+@pytest.mark.parametrize("family,trainer_cls", [("llama", Trainer), ("t5", Seq2SeqTrainer)])
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_step_equals_deft_common_by_hand(kind, family, trainer_cls, tmp_path):
+    config = DeftConfig(coef=2.0)
+    batch = make_batch(family, batch_size=4, seq_len=8)  # the last row is half padding
+    model = disable_dropout(lora_model(make_model(family)))
+    ref_loss, ref_grads = reference_step(model, batch, config)
+    _, task_only_grads = reference_step(model, batch, DeftConfig(coef=0.0))
+
+    capture = GradCapture()
+    trainer = build_trainer(kind, model, dataset_from_batch(batch), config, tmp_path, trainer_cls, [capture])
+    trainer.train()
+
+    assert train_logs(trainer)[0]["loss"] == pytest.approx(ref_loss, rel=1e-5)
+    assert_grads_close(capture.grads, ref_grads)
+    assert any("lora_A" in n for n in capture.grads) and any("lora_B" in n for n in capture.grads)
+    changed = [n for n in ref_grads if not torch.allclose(ref_grads[n], task_only_grads[n], rtol=1e-3, atol=1e-6)]
+    assert changed, "the density term must change the LoRA gradients"
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradient_accumulation_4x1_equals_1x4(kind, family, tmp_path):
+    # llama: the Trainer normalises the loss by the step's token count; t5: a per-micro-batch mean divided by GA.
+    batch = make_batch(family, batch_size=4, seq_len=8, padding=False)
+    runs = {}
+    for batch_size, accumulation in [(4, 1), (1, 4)]:
+        model = disable_dropout(make_model(family))
+        capture = GradCapture()
+        trainer = build_trainer(kind, model, dataset_from_batch(batch), DeftConfig(coef=2.0), tmp_path, Trainer,
+                                [capture], per_device_train_batch_size=batch_size,
+                                gradient_accumulation_steps=accumulation)
+        trainer.train()
+        runs[accumulation] = capture.grads, weights(model), train_logs(trainer)[0]
+    (grads_1, weights_1, log_1), (grads_4, weights_4, log_4) = runs[1], runs[4]
+    assert_grads_close(grads_4, grads_1, rtol=1e-3)  # T5 (ReLU) rounds differently per batch shape
+    assert_grads_close(weights_4, weights_1, rtol=1e-5)
+    assert log_4["loss"] == pytest.approx(log_1["loss"], rel=1e-5)
+    assert log_4["deft/loss"] == pytest.approx(log_1["deft/loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("kind,family,task,normalised_by_tokens", [
+    ("mixin", "llama", "lm", True), ("mixin", "gpt2", "lm", True), ("mixin", "t5", "lm", False),
+    ("mixin", "bert", "cls", False), ("mixin", "llama", "cls", False), ("callback", "llama", "lm", True),
+    ("callback", "t5", "lm", False),
+])
+def test_per_batch_mean_losses_are_divided_by_accumulation_like_the_density_term(kind, family, task,
+                                                                                  normalised_by_tokens, tmp_path):
+    # Models that take **kwargs but ignore num_items_in_batch return a per-batch mean: the Trainer must then divide
+    # it by GA (model_accepts_loss_kwargs=False), as it does the density term.
+    trainer = build_trainer(kind, make_model(family, task=task), None, DeftConfig(), tmp_path)
+    if kind == "callback":
+        trainer.callback_handler.on_train_begin(trainer.args, trainer.state, trainer.control)  # where it decides
+    assert trainer.model_accepts_loss_kwargs is normalised_by_tokens
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_reentrant_checkpointing_is_switched_and_the_term_keeps_its_gradient(kind, tmp_path, caplog):
+    config = DeftConfig(coef=2.0)
+    batch = make_batch("llama", batch_size=4, seq_len=8)
+    model = lora_model(make_model("llama"))
+    _, ref_grads = reference_step(model, batch, config)
+    capture = GradCapture()
+    trainer = build_trainer(kind, model, dataset_from_batch(batch), config, tmp_path, Trainer, [capture],
+                            gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
+    with caplog.at_level(logging.WARNING, logger="deft_hf"):
+        trainer.train()
+    assert "non-reentrant" in caplog.text
+    assert_grads_close(capture.grads, ref_grads)
+
+
+# ----------------------------------------------------------------------------------------- training effect
+def test_density_falls_below_training_without_deft(tmp_path):
+    # ReLU OPT: exact zeros are common, so the measured (|a| > 0) density responds within a few steps.
+    dataset = make_train_dataset("opt", n=32, seq_len=12)
+    densities = {}
+    for kind, coef in [("callback", 0.0), ("callback", 1.0), ("mixin", 1.0)]:  # coef 0 measures, adds nothing
+        trainer = build_trainer(kind, make_model("opt"), dataset, DeftConfig(coef=coef), tmp_path,
+                                collator=make_collator("opt"), optim="adamw_torch", learning_rate=3e-3,
+                                max_steps=16, logging_steps=8)
+        trainer.train()
+        densities[kind, coef] = [h["deft/density"] for h in train_logs(trainer)]
+    off, on = densities["callback", 0.0], densities["callback", 1.0]
+    assert on[-1] < on[0] and on[-1] < 0.8 * off[-1], densities
+    assert densities["mixin", 1.0] == pytest.approx(on, rel=1e-3)  # both adapters train the same way
+
+
+# ----------------------------------------------------------------------------------------- metrics
+class LogRecorder(TrainerCallback):
+    """Stands for TensorBoard / W&B: a callback that only reads `logs` in on_log."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_metrics_reach_log_history_tensorboard_and_other_callbacks(kind, tmp_path, monkeypatch):
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recorder = LogRecorder()
+    collator = make_collator("opt")
+    trainer = build_trainer(
+        kind, make_model("opt"), make_train_dataset("opt", n=16, seq_len=12), DeftConfig(coef_warmup_steps=4),
+        tmp_path, callbacks=[recorder], collator=collator, eval_dataset=make_train_dataset("opt", n=8, seq_len=12),
+        max_steps=4, logging_steps=2, eval_strategy="steps",
+        eval_steps=2, per_device_eval_batch_size=4, report_to=["tensorboard"],
+    )
+    trainer.train()
+    layers = [site.name for site in (trainer.deft_tracker if kind == "mixin" else _callback(trainer).tracker).sites]
+
+    train = train_logs(trainer)
+    assert len(train) == 2
+    for entry in train:
+        assert 0.0 < entry["deft/density"] <= 1.0 and entry["deft/loss"] > 0.0
+        assert all(0.0 < entry[f"deft/density/{layer}"] <= 1.0 for layer in layers)
+    assert train[0]["deft/coef"] == pytest.approx(0.5) and train[1]["deft/coef"] == pytest.approx(1.0)
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    assert len(evals) == 2
+    for entry in evals:
+        assert 0.0 < entry["eval_deft/density"] <= 1.0
+        assert all(f"eval_deft/density/{layer}" in entry for layer in layers)
+        assert "eval_deft/loss" not in entry and "deft/density" not in entry  # eval measures only, no mixing
+    # The reporting callbacks saw the same keys as log_history.
+    assert [set(logs) for logs in recorder.logs] == [set(h) - {"step"} for h in trainer.state.log_history]
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    assert {"train/deft/density", "train/deft/loss", f"eval/deft/density/{layers[0]}"} <= set(events.Tags()["scalars"])
+
+    metrics = trainer.evaluate()  # evaluate() returns them too
+    assert 0.0 < metrics["eval_deft/density"] <= 1.0
+
+
+def _callback(trainer) -> DeftCallback:
+    return next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, DeftCallback))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_seq2seq_trainer_t5_trains_and_evaluates_with_generate(kind, tmp_path):
+    trainer = build_trainer(
+        kind, make_model("t5"), make_train_dataset("t5", n=8, seq_len=12), DeftConfig(), tmp_path, Seq2SeqTrainer,
+        collator=make_collator("t5"), max_steps=2, predict_with_generate=True, generation_max_length=4,
+        per_device_eval_batch_size=4,
+    )
+    trainer.train()
+    assert all(h["deft/loss"] > 0 for h in train_logs(trainer))
+    metrics = trainer.evaluate(make_train_dataset("t5", n=4, seq_len=12))
+    assert "eval_loss" in metrics
+    if kind == "callback":  # the callback measures the labelled forward of the evaluation step
+        assert 0.0 < metrics["eval_deft/density"] <= 1.0
+
+
+# ----------------------------------------------------------------------------------------- loud failures
+def _llama_setup():
+    batch = make_batch("llama", batch_size=4, seq_len=8)
+    return make_model("llama"), dataset_from_batch(batch)
+
+
+def test_callback_refuses_label_smoothing(tmp_path):
+    model, dataset = _llama_setup()
+    trainer = build_trainer("callback", model, dataset, DeftConfig(), tmp_path, label_smoothing_factor=0.1)
+    with pytest.raises(DeftCallbackError, match="label smoothing.*DeftTrainerMixin"):
+        trainer.train()
+
+
+def test_callback_refuses_compute_loss_func(tmp_path):
+    model, dataset = _llama_setup()
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=1)
+
+    def loss_func(outputs, labels, num_items_in_batch=None):
+        return outputs.logits.float().mean()
+
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator,
+                      compute_loss_func=loss_func, callbacks=[DeftCallback(DeftConfig())])
+    with pytest.raises(DeftCallbackError, match="compute_loss_func.*DeftTrainerMixin"):
+        trainer.train()
+
+
+def test_callback_refuses_a_trainer_that_ignores_outputs_loss(tmp_path):
+    class OwnLossTrainer(Trainer):  # computes the loss from the logits, like TRL >= 1.15 or custom trainers
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            outputs = model(**inputs)
+            return torch.nn.functional.cross_entropy(outputs.logits[:, :-1].flatten(0, 1),
+                                                     inputs["labels"][:, 1:].flatten())
+
+    model, dataset = _llama_setup()
+    trainer = build_trainer("callback", model, dataset, DeftConfig(), tmp_path, OwnLossTrainer)
+    with pytest.raises(DeftCallbackError, match="never reached backward.*DeftTrainerMixin"):
+        trainer.train()
+
+
+def test_callback_and_mixin_together_is_refused(tmp_path):
+    model, dataset = _llama_setup()
+    cls = type("DeftTrainer", (DeftTrainerMixin, Trainer), {})
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    with pytest.raises(DeftCallbackError, match="already applies DEFT"):
+        cls(model=model, args=args, train_dataset=dataset, callbacks=[DeftCallback()], deft_config=DeftConfig())
+
+
+def test_mixin_applies_deft_with_label_smoothing(tmp_path):
+    model, dataset = _llama_setup()
+    trainer = build_trainer("mixin", model, dataset, DeftConfig(coef=2.0), tmp_path, label_smoothing_factor=0.1)
+    trainer.train()
+    assert train_logs(trainer)[0]["deft/loss"] > 0

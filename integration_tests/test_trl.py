@@ -1,0 +1,134 @@
+"""deft_trl.DeftSFTMixin on TRL's real SFTTrainer (TRL 1.9: the model's loss; TRL >= 1.15: TRL's own fused-head
+loss), and DeftCallback on SFTTrainer (works up to TRL 1.14, refused from 1.15)."""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+
+import pytest
+import torch
+from fixtures import make_batch, make_model, make_tokenizer
+from packaging.version import Version
+from reference import GradCapture, assert_grads_close, disable_dropout, lora_model, reference_step
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+from trl import SFTConfig, SFTTrainer  # noqa: E402
+
+from deft_common import DeftConfig  # noqa: E402
+from deft_hf import DeftCallback, DeftCallbackError  # noqa: E402
+from deft_trl import DeftSFTMixin  # noqa: E402
+
+TRL_OWN_LOSS = Version(version("trl")) >= Version("1.15.0")  # SFTTrainer ignores outputs.loss from TRL 1.15 on
+
+
+class DeftSFTTrainer(DeftSFTMixin, SFTTrainer):
+    pass
+
+
+def sft_dataset(batch):
+    """The real tokens of each make_batch() row, pre-tokenized: TRL's collator pads them back into `batch`."""
+    rows = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    return datasets.Dataset.from_dict({"input_ids": rows})
+
+
+def sft_trainer(model, dataset, tmp_path, config=None, callbacks=(), trainer_cls=DeftSFTTrainer, trainer_kwargs=None,
+                **args):
+    defaults = dict(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, report_to=[], save_strategy="no",
+                    disable_tqdm=True, optim="sgd", learning_rate=0.1, max_grad_norm=0, logging_steps=1,
+                    per_device_train_batch_size=4, max_steps=1, seed=0)
+    extra = dict(trainer_kwargs or {})
+    if issubclass(trainer_cls, DeftSFTMixin):
+        extra["deft_config"] = config
+    return trainer_cls(model=model, args=SFTConfig(**{**defaults, **args}), train_dataset=dataset,
+                       processing_class=make_tokenizer(), callbacks=list(callbacks), **extra)
+
+
+def train_logs(trainer):
+    return [h for h in trainer.state.log_history if "loss" in h]
+
+
+def test_sft_mixin_one_step_equals_deft_common_by_hand(tmp_path):
+    config = DeftConfig(coef=2.0)
+    batch = make_batch("llama", batch_size=4, seq_len=8)
+    model = disable_dropout(lora_model(make_model("llama")))
+    ref_loss, ref_grads = reference_step(model, batch, config)  # before SFTTrainer patches the model's forward
+    capture = GradCapture()
+    trainer = sft_trainer(model, sft_dataset(batch), tmp_path, config, [capture])
+    trainer.train()
+    assert train_logs(trainer)[0]["loss"] == pytest.approx(ref_loss, rel=1e-4)
+    assert_grads_close(capture.grads, ref_grads)
+
+
+def test_sft_mixin_counts_the_density_once_with_compute_loss_func(tmp_path):
+    # TRL >= 1.15 then runs an extra no-grad forward for its metrics inside compute_loss; DEFT must ignore it.
+    config = DeftConfig(coef=2.0)
+    batch = make_batch("llama", batch_size=4, seq_len=8)
+    model = disable_dropout(lora_model(make_model("llama")))
+    _, ref_grads = reference_step(model, batch, config)
+
+    def causal_lm_loss(outputs, labels, num_items_in_batch=None):
+        logits, targets = outputs.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten()
+        return torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum") / num_items_in_batch
+
+    capture = GradCapture()
+    trainer = sft_trainer(model, sft_dataset(batch), tmp_path, config, [capture],
+                          trainer_kwargs={"compute_loss_func": causal_lm_loss}, loss_type="nll")  # TRL 1.9's
+    # default "chunked_nll" returns no logits, which a compute_loss_func needs
+    trainer.train()
+    assert_grads_close(capture.grads, ref_grads)
+
+
+def test_sft_mixin_gradient_accumulation_4x1_equals_1x4(tmp_path):
+    batch = make_batch("llama", batch_size=4, seq_len=8, padding=False)
+    runs = {}
+    for batch_size, accumulation in [(4, 1), (1, 4)]:
+        capture = GradCapture()
+        trainer = sft_trainer(make_model("llama"), sft_dataset(batch), tmp_path, DeftConfig(coef=2.0), [capture],
+                              per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation)
+        trainer.train()
+        runs[accumulation] = capture.grads, train_logs(trainer)[0]
+    assert_grads_close(runs[4][0], runs[1][0])
+    assert runs[4][1]["loss"] == pytest.approx(runs[1][1]["loss"], rel=1e-5)
+
+
+def test_sft_mixin_logs_density_beside_trl_metrics(tmp_path):
+    batch = make_batch("llama", batch_size=4, seq_len=8)
+    trainer = sft_trainer(make_model("llama"), sft_dataset(batch), tmp_path, DeftConfig(), max_steps=2,
+                          eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=4,
+                          trainer_kwargs={"eval_dataset": sft_dataset(batch)})
+    trainer.train()
+    layers = [site.name for site in trainer.deft_tracker.sites]
+    train = train_logs(trainer)
+    assert len(train) == 2
+    for entry in train:
+        assert "mean_token_accuracy" in entry  # TRL's own metrics are still there
+        assert 0.0 < entry["deft/density"] <= 1.0 and entry["deft/loss"] > 0.0
+        assert all(f"deft/density/{layer}" in entry for layer in layers)
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    assert len(evals) == 1 and 0.0 < evals[0]["eval_deft/density"] <= 1.0
+    assert all(f"eval_deft/density/{layer}" in evals[0] for layer in layers)
+
+
+@pytest.mark.skipif(not TRL_OWN_LOSS, reason="TRL < 1.15 SFTTrainer optimises the model's outputs.loss")
+def test_callback_on_sft_trainer_that_computes_its_own_loss_is_refused(tmp_path):
+    batch = make_batch("llama", batch_size=4, seq_len=8)
+    trainer = sft_trainer(make_model("llama"), sft_dataset(batch), tmp_path, callbacks=[DeftCallback(DeftConfig())],
+                          trainer_cls=SFTTrainer)
+    with pytest.raises(DeftCallbackError, match="SFTTrainer.*DeftTrainerMixin"):
+        trainer.train()
+
+
+@pytest.mark.skipif(TRL_OWN_LOSS, reason="TRL >= 1.15 SFTTrainer computes its own loss (refused, tested above)")
+def test_callback_on_sft_trainer_that_uses_the_model_loss_equals_reference(tmp_path):
+    config = DeftConfig(coef=2.0)
+    batch = make_batch("llama", batch_size=4, seq_len=8)
+    model = disable_dropout(lora_model(make_model("llama")))
+    ref_loss, ref_grads = reference_step(model, batch, config)
+    capture = GradCapture()
+    trainer = sft_trainer(model, sft_dataset(batch), tmp_path, callbacks=[capture, DeftCallback(config)],
+                          trainer_cls=SFTTrainer)
+    trainer.train()
+    assert train_logs(trainer)[0]["loss"] == pytest.approx(ref_loss, rel=1e-4)
+    assert_grads_close(capture.grads, ref_grads)

@@ -1,0 +1,126 @@
+"""`DeftLossHook`: the DEFT density term inside the model's own loss, for raw DeepSpeed loops.
+
+The hook folds `coef * density loss` into `outputs.loss` inside the module's forward (deft_common.DensityLossHook),
+so the loss the engine returns already holds it; `engine.backward` then scales it for gradient accumulation
+exactly like the task loss, under every ZeRO stage. This module adds what DeepSpeed needs on top:
+
+- coef_warmup_steps follows `engine.global_steps` of the engine that calls the model (found on the call stack,
+  so the loop needs no extra line); without an engine, set `hook.global_step` yourself;
+- deepspeed < 0.19.8 scales the gradient of every output tensor by 1/GAS a second time on top of the loss
+  (the task loss reaches the weights through `logits` and is divided by GAS twice, the density term once).
+  That is wrong with or without DEFT, so with gradient_accumulation_steps > 1 and the default
+  `engine.backward(loss)` the hook raises instead of training with a silently reweighted loss.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+
+import torch
+from torch import nn
+
+from deft_common import DeftConfig, DeftConfigError
+from deft_common.loss_hook import DensityLossHook, _loss_of
+
+# deepspeed 0.19.8 (PR #8245) divides the whole loss by GAS once and keeps the output hooks from scaling again.
+FIXED_GAS_SCALING = (0, 19, 8)
+_ENGINE_SEARCH_DEPTH = 12  # frames between the engine's forward and this hook: Module.__call__ internals
+
+
+class DeftLossHook(DensityLossHook):
+    """`DeftLossHook(model, DeftConfig(...))` on the module before `deepspeed.initialize` makes its `outputs.loss`
+    include `coef * density loss` in every training forward:
+
+        hook = DeftLossHook(model, DeftConfig(coef=1.0))
+        engine, *_ = deepspeed.initialize(model=model, optimizer=..., config=ds_config)
+        out = engine(**batch)             # batch with labels: out.loss = task loss + coef * density loss
+        engine.backward(out.loss)
+        engine.step()
+        hook.last_metrics()               # {"deft/density": ..., "deft/loss": ...}; every rank must call it
+
+    hook.tracker is the DensityTracker, hook.density() the last forward's {MLP block: density},
+    hook.remove() takes every hook off. Under the HF Trainer use deft_hf instead: the Trainer rescales the
+    loss (num_items_in_batch) in ways only its own integration accounts for.
+    """
+
+    def __init__(self, model: nn.Module, config: DeftConfig | None = None):
+        super().__init__(model, config)
+        self._engine_ref = None  # weak reference to the DeepSpeedEngine of the last training forward
+
+    def _start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        if "num_items_in_batch" in kwargs:
+            raise DeftConfigError(
+                "deft_deepspeed.DeftLossHook is called by the HF Trainer (it passes num_items_in_batch and rescales "
+                "the loss afterwards, which would misweight the density term); with the Trainer, also under "
+                "DeepSpeed, use deft_hf.DeftTrainerMixin or deft_hf.DeftCallback instead"
+            )
+        engine = _calling_engine()
+        self._engine_ref = None if engine is None else weakref.ref(engine)
+        if engine is not None:
+            self.global_step = engine.global_steps
+        super()._start(module, args, kwargs)
+
+    def _finish(self, module: nn.Module, args: tuple, kwargs: dict, outputs):
+        result = super()._finish(module, args, kwargs, outputs)
+        engine = self._engine_ref() if self._engine_ref is not None else None
+        if engine is not None and result is not None and _scales_outputs_twice(engine):
+            loss = _loss_of(result)  # the loss now holding the density term
+            if loss.requires_grad:
+                loss.register_hook(_refuse_double_scaling(engine))
+        return result
+
+
+def _calling_engine():
+    """The DeepSpeedEngine whose forward is calling the model, if any: a few frames up the stack
+    (engine.forward -> Module.__call__ -> hooks). The module holds no reference to its engine."""
+    engine_class = _engine_class()
+    if engine_class is None:
+        return None
+    frame = sys._getframe(2)
+    for _ in range(_ENGINE_SEARCH_DEPTH):
+        if frame is None:
+            return None
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, engine_class):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+def _engine_class():
+    if "deepspeed" not in sys.modules:
+        return None  # never import deepspeed for a model that no engine drives
+    from deepspeed import DeepSpeedEngine
+
+    return DeepSpeedEngine
+
+
+def _deepspeed_version() -> tuple[int, ...]:
+    import deepspeed
+
+    return tuple(int(part) for part in deepspeed.__version__.split("+")[0].split(".")[:3] if part.isdigit())
+
+
+def _scales_outputs_twice(engine) -> bool:
+    # Output-tensor GAS hooks arrived with the PyTorch-style backward API; 0.19.8 stopped them double-scaling.
+    return hasattr(engine, "_backward_prologue_per_tensor") and _deepspeed_version() < FIXED_GAS_SCALING
+
+
+def _refuse_double_scaling(engine):
+    def check(grad):
+        gas = engine.gradient_accumulation_steps()
+        if gas > 1 and getattr(engine, "_scale_wrt_gas", True):
+            import deepspeed
+
+            raise DeftConfigError(
+                f"deepspeed {deepspeed.__version__} with gradient_accumulation_steps={gas} divides the gradient of "
+                "every model output by GAS on top of the loss: the task loss would be scaled by 1/GAS^2 and the DEFT "
+                "term by 1/GAS. Upgrade to deepspeed>=0.19.8, or scale the loss yourself: "
+                "engine.backward(out.loss / engine.gradient_accumulation_steps(), scale_wrt_gas=False)"
+            )
+        return None
+
+    return check

