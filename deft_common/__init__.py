@@ -7,6 +7,7 @@ that the framework adapters (deft_hf, deft_trl, deft_axolotl, deft_deepspeed) ad
 from .architectures import MlpSite, base_model_of, find_mlp_sites
 from .checkpointing import DeftCheckpointingError, make_checkpointing_non_reentrant, uses_reentrant_checkpointing
 from .config import DeftConfig, DeftConfigError
+from .controller import DensityController
 from .loss_hook import DeftLossError, DensityLossHook
 from .tracker import DeftInputError, DensityTracker
 
@@ -17,6 +18,7 @@ __all__ = [
     "DeftConfig",
     "DeftConfigError",
     "DeftInputError",
+    "DensityController",
     "DeftLossError",
     "DensityLossHook",
     "DensityTracker",

@@ -37,6 +37,9 @@ class DeftConfig:
     modules:    for architectures DEFT does not know: regular expression(s) naming the modules to hook directly
                 (their output for capture="act", their input for capture="down_in"), e.g. r"blocks\\.\\d+\\.ffn\\.act".
     coef_warmup_steps: linearly ramp coef from 0 to its value over this many optimizer steps (0 = no ramp).
+    target_density: instead of a fixed coef, steer the weight every step so the measured mean density (at `threshold`)
+                converges to this fraction (see deft_common.controller.DensityController); coef is then not used.
+    controller_gain: how fast the controller moves the weight: coef += gain * (density - target) per step.
     """
 
     coef: float = 1.0
@@ -46,6 +49,8 @@ class DeftConfig:
     layers: Any = None
     modules: Any = None
     coef_warmup_steps: int = 0
+    target_density: float | None = None
+    controller_gain: float = 0.05
 
     def __post_init__(self) -> None:
         _check_number("coef", self.coef, minimum=0.0, fix="use 0 to only measure density, or a positive weight such as 1.0")
@@ -60,6 +65,16 @@ class DeftConfig:
             raise DeftConfigError(
                 f"DeftConfig.coef_warmup_steps={self.coef_warmup_steps!r} must be a whole number >= 0 (0 = no ramp)"
             )
+        if self.target_density is not None:
+            _check_number("target_density", self.target_density, minimum=0.0, strict=True,
+                          fix="use a fraction in (0, 1), e.g. 0.5 for half of the MLP activations exactly zero")
+            if self.target_density >= 1.0:
+                raise DeftConfigError(
+                    f"DeftConfig.target_density={self.target_density!r} must be below 1 (1 = every activation "
+                    "non-zero, nothing to steer); use a fraction such as 0.5, or None for a fixed coef"
+                )
+        _check_number("controller_gain", self.controller_gain, minimum=0.0, strict=True,
+                      fix="use a positive step size such as 0.05")
         self.layers = _normalise_layers(self.layers)
         self.modules = _normalise_patterns("modules", self.modules)
 

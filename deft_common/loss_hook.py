@@ -84,18 +84,18 @@ class DensityLossHook:
         record.__exit__(None, None, None)
         if outputs is None:
             return None  # the forward raised; its own error propagates
-        loss = _loss_of(outputs)
-        if loss is None:
-            raise DeftLossError(
-                f"{type(module).__name__} returned no loss ({type(outputs).__name__}), so the DEFT density term "
-                f"cannot be added to it; {NO_LOSS_FIX}"
-            )
         coef = self.config.coef_at(self.global_step)
         term = coef * self.tracker.density_loss()
         self._accumulate(term)
         scale = 1.0 if self.term_scale is None else float(self.term_scale(kwargs))
         if coef == 0 or scale == 0:
             return None  # measuring only (coef=0): outputs as the model made them
+        loss = _loss_of(outputs)
+        if loss is None:
+            raise DeftLossError(
+                f"{type(module).__name__} returned no loss ({type(outputs).__name__}), so the DEFT density term "
+                f"cannot be added to it; {NO_LOSS_FIX}"
+            )
         return _with_loss(outputs, (loss + scale * term).to(loss.dtype))
 
     # ---------------------------------------------------------------- metrics
@@ -151,7 +151,8 @@ class DensityLossHook:
 
 def _layer_counts(tracker: DensityTracker) -> tuple[torch.Tensor | None, list[int]]:
     """Active entries (a float64 tensor, read without a device sync) and real entries of the last record per MLP
-    block, in the order of tracker.sites (0 for a block not seen)."""
+    block, in the order of tracker.sites (0 for a block not seen). Like tracker.layer_counts(), which would sync
+    the device once per layer and forward to turn the counts into Python ints."""
     k = tracker._threshold_index(None)
     records = [tracker._records.get(site.name) for site in tracker.sites]
     records = [rec if rec is not None and rec.entries else None for rec in records]

@@ -6,8 +6,8 @@ never leaks into pytest or between tests; results go to a torch.save file the te
     python deepspeed_worker.py trainer OUT --stages none,2,3  # HF Trainer (+ DeepSpeed) with deft_hf
 
 Needs MASTER_ADDR, MASTER_PORT, RANK, LOCAL_RANK, WORLD_SIZE in the environment (the test or torchrun sets them).
-Model: the tiny fixture Llama with LoRA adapters; optimizer: SGD with lr 1, so a weight's change after one step is
-minus its gradient and comparing weights compares gradients.
+Model: the tiny fixture Llama with LoRA on every linear layer (reference.lora_model); optimizer: SGD with lr 1, so a
+weight's change after one step is minus its gradient and comparing weights compares gradients.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import torch  # noqa: E402
 
 from deft_common import DeftConfig, DensityTracker  # noqa: E402
 from fixtures import make_batch, make_collator, make_model, make_train_dataset  # noqa: E402
+from reference import lora_model as with_lora  # noqa: E402
+from reference import reference_step  # noqa: E402
 
 # eps well above the paper's 1e-7, so that the density term moves the gradients by a clearly measurable amount;
 # threshold > 0, so that the density of this random SiLU model (no exact zeros) is a fraction, not 1.0.
@@ -35,13 +37,7 @@ ROWS = 4
 
 
 def lora_model():
-    from peft import LoraConfig, get_peft_model
-
-    model = make_model("llama", seed=0)
-    torch.manual_seed(1)  # the LoRA initialisation draws from the global RNG
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
-                      target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])
-    return get_peft_model(model, lora)
+    return with_lora(make_model("llama", seed=0))
 
 
 def lora_weights(model, zero3: bool = False) -> dict[str, torch.Tensor]:
@@ -61,24 +57,15 @@ def rows(batch: dict, start: int, stop: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- by hand
-def reference(batch: dict, config: DeftConfig | None) -> dict:
-    """One SGD step on the whole batch, loss = task loss + coef * density loss written out with deft_common
-    (config None: the task loss alone)."""
+def reference(batch: dict, config: DeftConfig) -> dict:
+    """Loss and gradients of task loss + coef * density loss written out with deft_common (reference.py), as the
+    weight change of one SGD step, and the density of the same forward."""
+    loss, grads = reference_step(lora_model(), batch, config)
     model = lora_model()
-    before = lora_weights(model)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
-    if config is None:
-        loss = model(**batch).loss
-        density = None
-    else:
-        tracker = DensityTracker(model, config)
-        with tracker.record(**tracker.masks_for(batch)):
-            out = model(**batch)
-        loss = out.loss + config.coef * tracker.density_loss()
-        density = tracker.mean_density()
-    loss.backward()
-    optimizer.step()
-    return {"loss": loss.item(), "delta": delta(before, lora_weights(model)), "density": density}
+    tracker = DensityTracker(model, config)
+    with torch.no_grad(), tracker.record(**tracker.masks_for(batch)):
+        model(**batch)
+    return {"loss": loss, "delta": {name: -LR * grad for name, grad in grads.items()}, "density": tracker.mean_density()}
 
 
 # ---------------------------------------------------------------------------------------------- DeepSpeed
@@ -141,7 +128,7 @@ def run_engine(path: pathlib.Path) -> None:
     results = {
         "deepspeed_version": deepspeed.__version__,
         "reference": reference(padded, CONFIG),
-        "reference_task_only": reference(padded, None),
+        "reference_task_only": reference(padded, DeftConfig(coef=0.0, eps=CONFIG.eps, threshold=CONFIG.threshold)),
         "reference_full": reference(full, CONFIG),
     }
     for stage in (0, 1, 2, 3):

@@ -96,7 +96,8 @@ def make_alpaca_records(n: int = 64) -> list[dict]:
 @functools.lru_cache(maxsize=None)
 def make_tokenizer():
     """A byte-level BPE tokenizer (any text encodes, no unknown tokens) trained on the fixture corpora,
-    with <pad>/<s>/</s>/<unk>, role tokens and a chat template. Right padding, no automatic special tokens."""
+    with <pad>/<s>/</s>/<unk>, role tokens and a chat template. Right padding, no automatic special tokens.
+    Shared (cached): copy.deepcopy it before changing its settings."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

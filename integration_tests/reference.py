@@ -49,7 +49,8 @@ def lora_model(model: nn.Module, seed: int = 0, r: int = 4) -> nn.Module:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return get_peft_model(model, LoraConfig(r=r, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+        config = LoraConfig(r=r, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+        return get_peft_model(model, config)
 
 
 def dataset_from_batch(batch: dict):
@@ -70,7 +71,8 @@ def assert_grads_close(actual: dict, expected: dict, rtol: float = 1e-4, atol: f
     assert actual.keys() == expected.keys(), sorted(set(actual) ^ set(expected))[:5]
     for name, want in expected.items():
         error = (actual[name].double() - want.double()).norm().item()
-        assert error <= rtol * want.double().norm().item() + atol, f"{name}: |diff| {error:.3g} vs |expected| {want.norm():.3g}"
+        scale = want.double().norm().item()
+        assert error <= rtol * scale + atol, f"{name}: |diff| {error:.3g} vs |expected| {scale:.3g}"
 
 
 class GradCapture(TrainerCallback):

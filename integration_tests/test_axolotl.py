@@ -72,7 +72,13 @@ ZERO2 = {
     "train_micro_batch_size_per_gpu": "auto",
 }
 
-LORA = {"adapter": "lora", "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lora_target_modules": ["q_proj", "v_proj"]}
+LORA = {
+    "adapter": "lora",
+    "lora_r": 4,
+    "lora_alpha": 8,
+    "lora_dropout": 0.0,
+    "lora_target_modules": ["q_proj", "v_proj"],
+}
 
 
 def base_config(work: pathlib.Path, name: str) -> dict:
@@ -174,8 +180,8 @@ def _free_port() -> int:
 def _launch(work: pathlib.Path, name: str, config: dict, deepspeed: bool) -> Run:
     path = work / f"{name}.yml"
     path.write_text(yaml.safe_dump(config))
-    command = [sys.executable, str(work / "ds_launch.py"), str(path)] if deepspeed else [
-        sys.executable, "-m", "axolotl.cli.train", str(path)]
+    entry = [str(work / "ds_launch.py")] if deepspeed else ["-m", "axolotl.cli.train"]
+    command = [sys.executable, *entry, str(path)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(_python_path(work))}
     if deepspeed:
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
@@ -185,8 +191,8 @@ def _launch(work: pathlib.Path, name: str, config: dict, deepspeed: bool) -> Run
 
 def _python_path(work: pathlib.Path) -> list[str]:
     """Where this process finds deft_common and deft_axolotl (source tree or installed), plus the marker plugin."""
-    paths = [str(work), str(pathlib.Path(deft_axolotl.__file__).parents[1]), str(pathlib.Path(deft_common.__file__).parents[1])]
-    return paths + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    packages = [pathlib.Path(deft_axolotl.__file__).parents[1], pathlib.Path(deft_common.__file__).parents[1]]
+    return [str(work), *map(str, packages)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
 
 
 @pytest.fixture(scope="module")
@@ -302,6 +308,18 @@ def test_config_block_reaches_the_trainer_settings(work):
     assert cfg.lora_mlp_kernel is False
     assert deft_config_from(_load_cfg(work, "off", deft={"enabled": False, "coef": 3.0})) is None
     cfg = _load_cfg(work, "gc", gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
+    assert cfg.gradient_checkpointing_kwargs == {"use_reentrant": False}
+
+
+def test_example_config_is_valid(work):
+    from axolotl.cli.config import load_cfg
+
+    example = pathlib.Path(__file__).resolve().parents[1] / "examples" / "axolotl" / "deft_lora.yml"
+    text = example.read_text().replace("/tmp/deft-tiny/", f"{work}/")  # the fixture model instead of the example's
+    (work / "example.yml").write_text(text)
+    cfg = load_cfg(str(work / "example.yml"))
+    assert DEFT in cfg.plugins
+    assert cfg.deft.coef == 1.0 and cfg.deft.enabled is True
     assert cfg.gradient_checkpointing_kwargs == {"use_reentrant": False}
 
 

@@ -30,10 +30,10 @@ def _task_type(family):
     return "SEQ_2_SEQ_LM" if family in ENCODER_DECODER else "CAUSAL_LM"
 
 
-def _density_grads(model, config=None):
-    """Backward of the density term alone; returns {trainable parameter name: grad}."""
-    tracker = DensityTracker(model, config or DeftConfig())
-    batch = make_batch(_family_of(model))
+def _density_grads(model, family):
+    """Backward of the density term alone (paper settings); returns {trainable parameter name: grad}."""
+    tracker = DensityTracker(model, DeftConfig())
+    batch = make_batch(family)
     with tracker.record(**tracker.masks_for(batch)):
         model(**batch)
     loss = tracker.density_loss()
@@ -42,14 +42,8 @@ def _density_grads(model, config=None):
     return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _family_of(model):
-    return model.family
-
-
-def _wrap(family, peft_config, **model_kwargs):
-    model = peft.get_peft_model(make_model(family, **model_kwargs), peft_config)
-    model.family = family
-    return model
+def _wrap(family, peft_config):
+    return peft.get_peft_model(make_model(family), peft_config)
 
 
 def _assert_all_nonzero(grads, min_count):
@@ -63,7 +57,7 @@ def test_lora_gradient(family):
     targets = ATTENTION_TARGETS.get(family, ["q_proj", "v_proj"])  # llama, mistral, qwen2, gemma, opt
     # init_lora_weights=False: B starts non-zero, so A gets a gradient too (with B = 0 only B would).
     model = _wrap(family, peft.LoraConfig(target_modules=targets, r=2, init_lora_weights=False))
-    grads = _density_grads(model)
+    grads = _density_grads(model, family)
     assert all("lora_A" in n or "lora_B" in n or "classifier" in n or "score" in n for n in grads)
     lora = {n: g for n, g in grads.items() if "lora_" in n}
     _assert_all_nonzero(lora, min_count=2 * len(targets) * 2)
@@ -88,7 +82,7 @@ def test_lora_gradient_equals_the_gradient_of_the_formula():
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
 def test_prefix_tuning_gradient(family):
     model = _wrap(family, peft.PrefixTuningConfig(task_type=_task_type(family), num_virtual_tokens=4))
-    grads = _density_grads(model)
+    grads = _density_grads(model, family)
     assert list(grads) == ["prompt_encoder.default.embedding.weight"]
     _assert_all_nonzero(grads, min_count=1)
 
@@ -96,7 +90,7 @@ def test_prefix_tuning_gradient(family):
 @pytest.mark.parametrize("family", ["llama", "t5", "phi3"])
 def test_prompt_tuning_gradient(family):
     model = _wrap(family, peft.PromptTuningConfig(task_type=_task_type(family), num_virtual_tokens=4))
-    grads = _density_grads(model)
+    grads = _density_grads(model, family)
     assert list(grads) == ["prompt_encoder.default.embedding.weight"]
     _assert_all_nonzero(grads, min_count=1)
 
@@ -107,7 +101,7 @@ def test_prompt_tuning_gradient(family):
 ])
 def test_ia3_gradient(family, targets, feedforward):
     config = peft.IA3Config(task_type=_task_type(family), target_modules=targets, feedforward_modules=feedforward)
-    grads = _density_grads(_wrap(family, config))
+    grads = _density_grads(_wrap(family, config), family)
     attention = {n: g for n, g in grads.items() if ".wo." not in n and "down_proj" not in n}
     _assert_all_nonzero(attention, min_count=4)
     # A down-projection's IA3 vector scales the input of the layer *after* its MLP: only the last one is out of reach.
@@ -126,17 +120,16 @@ def test_qlora_gradient(tmp_path):
                                       bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, device_map="cpu")
     assert isinstance(model.model.layers[0].mlp.gate_proj, bnb.nn.Linear4bit)
-    # The usual QLoRA recipe; it turns on gradient checkpointing, which must be non-reentrant for DEFT.
+    # The usual QLoRA recipe, with reentrant checkpointing (torch's default when use_reentrant is not given).
     model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                                  gradient_checkpointing_kwargs={"use_reentrant": True})
     model = peft.get_peft_model(model, peft.LoraConfig(target_modules=["q_proj", "v_proj", "gate_proj"], r=2,
                                                        init_lora_weights=False))
-    model.family = "llama"
     model.train()
     with pytest.raises(DeftCheckpointingError, match="use_reentrant"):
-        _density_grads(model)
+        _density_grads(model, "llama")
     assert make_checkpointing_non_reentrant(model) >= 2  # every decoder layer (and modules holding the function)
     assert not uses_reentrant_checkpointing(model)
-    grads = _density_grads(model)
+    grads = _density_grads(model, "llama")
     _assert_all_nonzero(grads, min_count=12)
     assert all("lora_" in n for n in grads)

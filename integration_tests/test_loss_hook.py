@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from fixtures import make_batch, make_model
+from reference import assert_grads_close, lora_model, reference_step, trainable_grads
 
 from deft_common import DeftConfig, DeftConfigError, DeftLossError, DensityLossHook, DensityTracker
 from deft_deepspeed import DeftLossHook
@@ -16,33 +17,16 @@ CONFIG = DeftConfig(coef=2.0, eps=1e-3, threshold=0.02)
 
 
 def _lora(family: str = "llama"):
-    from peft import LoraConfig, get_peft_model
-
-    model = make_model(family, seed=0)
-    torch.manual_seed(1)
-    targets = {"llama": ["q_proj", "gate_proj", "down_proj"], "t5": ["q", "wi", "wo"], "bert": ["query", "dense"]}
-    return get_peft_model(model, LoraConfig(r=4, lora_dropout=0.0, init_lora_weights=False,
-                                            target_modules=targets[family]))
+    return lora_model(make_model(family, seed=0))
 
 
-def _grads(model) -> dict[str, torch.Tensor]:
-    return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def _by_hand(family: str, batch: dict, config: DeftConfig = CONFIG):
-    model = _lora(family)
-    tracker = DensityTracker(model, config)
-    with tracker.record(**tracker.masks_for(batch)):
-        out = model(**batch)
-    loss = out.loss + config.coef * tracker.density_loss()
-    loss.backward()
-    return loss.item(), _grads(model), tracker.mean_density()
-
-
-def _assert_same_grads(actual: dict, expected: dict) -> None:
-    assert actual.keys() == expected.keys()
-    for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+def _by_hand(family: str, batch: dict, config: DeftConfig = CONFIG) -> tuple[float, dict, float]:
+    """(loss, gradients) of task loss + coef * density loss written out with deft_common, and the batch's density."""
+    loss, grads = reference_step(_lora(family), batch, config)
+    tracker = DensityTracker(_lora(family), config)
+    with torch.no_grad(), tracker.record(**tracker.masks_for(batch)):
+        tracker.model(**batch)
+    return loss, grads, tracker.mean_density()
 
 
 @pytest.mark.parametrize("family", ["llama", "t5", "bert"])
@@ -55,7 +39,7 @@ def test_folded_loss_equals_deft_common_by_hand(family, hook_class):
     out = model(**batch)
     out.loss.backward()
     assert out.loss.item() == pytest.approx(loss, rel=1e-6)
-    _assert_same_grads(_grads(model), grads)
+    assert_grads_close(trainable_grads(model), grads)
     assert hook.last_metrics()["deft/density"] == pytest.approx(density, rel=1e-9)
     assert 0.0 < density < 1.0
 
@@ -70,7 +54,7 @@ def test_positional_inputs_and_tuple_outputs():
     assert isinstance(out, tuple)
     out[0].backward()
     assert out[0].item() == pytest.approx(loss, rel=1e-6)
-    _assert_same_grads(_grads(model), grads)
+    assert_grads_close(trainable_grads(model), grads)
 
 
 def test_last_metrics_average_the_micro_batches_since_the_last_call():
@@ -113,6 +97,8 @@ def test_eval_no_grad_and_zero_coef_leave_the_loss_alone():
     hook.remove()
     measuring = DensityLossHook(model, DeftConfig(coef=0.0, threshold=0.02))
     assert model(**batch).loss.item() == pytest.approx(task_loss)
+    assert 0.0 < measuring.last_metrics()["deft/density"] < 1.0
+    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])  # no loss, nothing to add it to
     assert 0.0 < measuring.last_metrics()["deft/density"] < 1.0
 
 

@@ -70,12 +70,13 @@ def test_sft_mixin_counts_the_density_once_with_compute_loss_func(tmp_path):
 
     def causal_lm_loss(outputs, labels, num_items_in_batch=None):
         logits, targets = outputs.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten()
-        return torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum") / num_items_in_batch
+        summed = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+        return summed / num_items_in_batch
 
     capture = GradCapture()
+    # loss_type="nll": TRL 1.9's default "chunked_nll" returns no logits, which a compute_loss_func needs
     trainer = sft_trainer(model, sft_dataset(batch), tmp_path, config, [capture],
-                          trainer_kwargs={"compute_loss_func": causal_lm_loss}, loss_type="nll")  # TRL 1.9's
-    # default "chunked_nll" returns no logits, which a compute_loss_func needs
+                          trainer_kwargs={"compute_loss_func": causal_lm_loss}, loss_type="nll")
     trainer.train()
     assert_grads_close(capture.grads, ref_grads)
 

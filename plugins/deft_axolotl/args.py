@@ -38,7 +38,9 @@ class _DeftBlockBase(BaseModel):
             )
         unknown = sorted(set(data) - set(BLOCK_KEYS))
         if unknown:
-            raise DeftConfigError(f"unknown key(s) {unknown} in the `deft:` block; the known keys are {list(BLOCK_KEYS)}")
+            raise DeftConfigError(
+                f"unknown key(s) {unknown} in the `deft:` block; the known keys are {list(BLOCK_KEYS)}"
+            )
         return data
 
     @model_validator(mode="after")
@@ -55,7 +57,8 @@ def _deft_fields() -> dict[str, tuple[Any, Any]]:
     fields = {}
     for field in dataclasses.fields(DeftConfig):
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        fields[field.name] = (hints.get(field.name, Any), Field(default=default, description=f"DeftConfig.{field.name}"))
+        description = f"DeftConfig.{field.name}"
+        fields[field.name] = (hints.get(field.name, Any), Field(default=default, description=description))
     return fields
 
 

@@ -114,7 +114,9 @@ class DeftCallback(TrainerCallback):
     def _bind(self, args, model) -> None:
         trainer = _calling_trainer() or self.trainer  # the one found at init, for events sent from outside it
         if trainer is None:
-            raise DeftCallbackError("DeftCallback works inside a transformers Trainer: Trainer(..., callbacks=[DeftCallback(...)])")
+            raise DeftCallbackError(
+                "DeftCallback works inside a transformers Trainer: Trainer(..., callbacks=[DeftCallback(...)])"
+            )
         if isinstance(trainer, DeftTrainerMixin):
             raise DeftCallbackError(
                 f"{type(trainer).__name__} already applies DEFT through DeftTrainerMixin; remove the DeftCallback"

@@ -7,6 +7,9 @@ import sys
 
 from deft_common import __version__
 
+from .demo import add_demo_command
+from .density import add_density_command
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -14,7 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="DEFT: Density-Efficient Fine-Tuning. A density loss that makes transformer MLP activations sparse.",
     )
     parser.add_argument("--version", action="version", version=f"deft {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_demo_command(commands)
+    add_density_command(commands)
     return parser
 
 

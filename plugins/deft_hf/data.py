@@ -157,3 +157,22 @@ def split(records: list[dict], n_train: int, n_eval: int, seed: int) -> tuple[li
     held_out = [records[i] for i in order[:n_eval]]
     train = [records[i] for i in order[n_eval:n_eval + n_train]]
     return train, held_out
+
+
+def reports_errors(handler):
+    """For CLI command handlers: a bad input (DeftDataError, DeftConfigError, DeftInputError) is printed as
+    `deft: error: <message>` on stderr with exit status 2, not as a traceback."""
+    import functools
+    import sys
+
+    from deft_common import DeftConfigError, DeftInputError
+
+    @functools.wraps(handler)
+    def run(args) -> int:
+        try:
+            return handler(args)
+        except (DeftDataError, DeftConfigError, DeftInputError) as err:
+            print(f"deft {args.command}: error: {err}", file=sys.stderr)
+            return 2
+
+    return run

