@@ -4,16 +4,28 @@ Torch only. Finds each architecture's MLP activations, measures their density an
 that the framework adapters (deft_hf, deft_trl, deft_axolotl, deft_deepspeed) add to the task loss.
 """
 
+from .adaptive import (AdaptiveLayerWeights, SkipReport, apply_ada_deft, attach_layer_weights, choose_blocks_to_skip,
+                       layer_weights, load_layer_weights, save_layer_weights, skip_mlp_blocks)
 from .architectures import MlpSite, base_model_of, find_mlp_sites
 from .checkpointing import DeftCheckpointingError, make_checkpointing_non_reentrant, uses_reentrant_checkpointing
 from .config import DeftConfig, DeftConfigError
 from .controller import DensityController
+from .density_weight import DensitySums, DensityWeight
 from .loss_hook import DeftLossError, DensityLossHook
 from .tracker import DeftInputError, DensityTracker
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveLayerWeights",
+    "SkipReport",
+    "apply_ada_deft",
+    "attach_layer_weights",
+    "choose_blocks_to_skip",
+    "layer_weights",
+    "load_layer_weights",
+    "save_layer_weights",
+    "skip_mlp_blocks",
     "DeftCheckpointingError",
     "DeftConfig",
     "DeftConfigError",
@@ -21,7 +33,9 @@ __all__ = [
     "DensityController",
     "DeftLossError",
     "DensityLossHook",
+    "DensitySums",
     "DensityTracker",
+    "DensityWeight",
     "MlpSite",
     "__version__",
     "base_model_of",

@@ -40,6 +40,14 @@ class DeftConfig:
     target_density: instead of a fixed coef, steer the weight every step so the measured mean density (at `threshold`)
                 converges to this fraction (see deft_common.controller.DensityController); coef is then not used.
     controller_gain: how fast the controller moves the weight: coef += gain * (density - target) per step.
+    adaptive:   ADA-DEFT: learnable per-layer weights on the density terms, trained with the PEFT parameters
+                (deft_common.adaptive); after training they choose the MLP blocks to skip at inference.
+    adaptive_temperature: τ of ADA-DEFT's KL term; the weights settle near softmax(-density / τ) over the blocks
+                (smaller = concentrate the pressure on fewer blocks).
+    adaptive_logit_scale: k, logits = k × the stored parameter, so an optimizer step of size lr moves them by k × lr.
+    skip_budget: MLP blocks ADA-DEFT skips at inference: a number (int >= 1) or a fraction in (0, 1), the blocks
+                with the largest weights.
+    skip_threshold: instead of a budget: skip every block whose weight (mean 1 over the blocks) is >= this.
     """
 
     coef: float = 1.0
@@ -51,6 +59,11 @@ class DeftConfig:
     coef_warmup_steps: int = 0
     target_density: float | None = None
     controller_gain: float = 0.05
+    adaptive: bool = False
+    adaptive_temperature: float = 0.1
+    adaptive_logit_scale: float = 100.0
+    skip_budget: int | float | None = None
+    skip_threshold: float | None = None
 
     def __post_init__(self) -> None:
         _check_number("coef", self.coef, minimum=0.0, fix="use 0 to only measure density, or a positive weight such as 1.0")
@@ -75,8 +88,31 @@ class DeftConfig:
                 )
         _check_number("controller_gain", self.controller_gain, minimum=0.0, strict=True,
                       fix="use a positive step size such as 0.05")
+        self._check_adaptive()
         self.layers = _normalise_layers(self.layers)
         self.modules = _normalise_patterns("modules", self.modules)
+
+    def _check_adaptive(self) -> None:
+        from .adaptive import check_budget, check_threshold  # the same rules as at selection time
+
+        if not isinstance(self.adaptive, bool):
+            raise DeftConfigError(f"DeftConfig.adaptive={self.adaptive!r} must be true or false")
+        _check_number("adaptive_temperature", self.adaptive_temperature, minimum=0.0, strict=True,
+                      fix="use a positive temperature such as 0.1 (smaller concentrates the pressure on fewer blocks)")
+        _check_number("adaptive_logit_scale", self.adaptive_logit_scale, minimum=0.0, strict=True,
+                      fix="use a positive factor such as 100 (logit step per optimizer step = factor x learning rate)")
+        for name in ("skip_budget", "skip_threshold"):
+            if getattr(self, name) is not None and not self.adaptive:
+                raise DeftConfigError(f"DeftConfig.{name} selects MLP blocks from ADA-DEFT's weights; set adaptive=True too")
+        if self.skip_budget is not None and self.skip_threshold is not None:
+            raise DeftConfigError("DeftConfig: give either skip_budget or skip_threshold, not both")
+        try:
+            if self.skip_budget is not None:
+                check_budget(self.skip_budget)
+            if self.skip_threshold is not None:
+                check_threshold(self.skip_threshold)
+        except DeftConfigError as err:
+            raise DeftConfigError(f"DeftConfig: {err}") from None
 
     @classmethod
     def field_names(cls) -> list[str]:

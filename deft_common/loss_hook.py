@@ -4,7 +4,10 @@ Two hooks on the top-level module (the plain or PEFT-wrapped model, not a DDP/De
 a forward pre-hook that starts `tracker.record()` with the batch's masks whenever the module trains with grad
 enabled, and a forward hook that stops recording and returns the outputs with
 
-    loss = task loss + term_scale * coef_at(global_step) * density loss
+    loss = task loss + term_scale * coef * density loss
+
+where coef is `config.coef_at(global_step)`, or with `DeftConfig.target_density` the weight of the target-density
+controller, fed once per optimizer step with the step's mean density (deft_common.density_weight).
 
 Whatever calls the model and optimises `outputs.loss` (a raw loop, a DeepSpeed engine, DDP, the HF Trainer)
 then optimises the DEFT loss without knowing about it; wrappers call `module(...)`, so the hooks fire inside them.
@@ -12,7 +15,7 @@ then optimises the DEFT loss without knowing about it; wrappers call `module(...
     hook = DensityLossHook(model, DeftConfig(coef=1.0))
     out = model(**batch)              # out.loss already holds the density term
     out.loss.backward()
-    hook.global_step += 1             # only needed for DeftConfig.coef_warmup_steps
+    hook.global_step += 1             # after each optimizer step; needed for coef_warmup_steps and target_density
     hook.last_metrics()               # {"deft/density": ..., "deft/loss": coef × density loss}, all processes
     hook.remove()
 """
@@ -27,6 +30,7 @@ from torch import nn
 
 from .architectures import base_model_of
 from .config import DeftConfig
+from .density_weight import DensitySums, DensityWeight
 from .tracker import DensityTracker
 
 
@@ -44,9 +48,18 @@ NO_LOSS_FIX = (
 class DensityLossHook:
     """Adds `coef * density loss` to `outputs.loss` of every training forward of `model`.
 
-    global_step: optimizer steps done; the caller advances it when it uses DeftConfig.coef_warmup_steps.
-    term_scale:  optional `f(forward kwargs) -> float`, a factor on the term that undoes how the caller scales the
-                 loss afterwards (e.g. the HF Trainer's num_items_in_batch normalisation); default 1.
+    global_step:  optimizer steps done; the caller advances it after each optimizer step when it uses
+                  DeftConfig.coef_warmup_steps or DeftConfig.target_density (the controller is fed the density of
+                  a step when global_step moves past it; a loop that never advances it never changes the weight).
+    weight:       the DensityWeight that gives coef (config.coef_at(global_step), or the target-density
+                  controller's weight, `weight.controller`).
+    term_scale:   optional `f(forward kwargs) -> float`, a factor on the term that undoes how the caller scales the
+                  loss afterwards (e.g. the HF Trainer's num_items_in_batch normalisation); default 1.
+    measure_eval: also record evaluation forwards (module in eval mode, `labels` given), which only measure
+                  density; a subclass reads them in `_measured_eval()`.
+
+    Framework adapters subclass it and override the small steps of a forward: `_measured` (metrics of a training
+    forward), `_measured_eval`, `_adding` (the term about to be added), `_no_loss_error`.
     """
 
     def __init__(
@@ -54,14 +67,18 @@ class DensityLossHook:
         model: nn.Module,
         config: DeftConfig | None = None,
         term_scale: Callable[[dict], float] | None = None,
+        measure_eval: bool = False,
     ):
         self.model = model
         self.tracker = DensityTracker(model, config)
         self.config = self.tracker.config
+        self.weight = DensityWeight(self.config, len(self.tracker.sites), _device_of(model))
         self.term_scale = term_scale
+        self.measure_eval = measure_eval
         self.global_step = 0
-        self._record = None  # the open tracker.record() of the running training forward
-        self._sums: dict | None = None  # metrics summed over the training forwards since last_metrics()
+        self._record = None  # the open tracker.record() of the running forward
+        self._mode = None  # "train" or "eval" for that forward
+        self._sums = DensitySums(len(self.tracker.sites))  # training forwards since last_metrics()
         self._handles = [
             model.register_forward_pre_hook(self._start, with_kwargs=True),
             # always_call: the recording is closed even when the forward raises.
@@ -70,71 +87,70 @@ class DensityLossHook:
 
     # ------------------------------------------------------------------ hooks
     def _start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._record is not None or not (module.training and torch.is_grad_enabled()):
-            return  # eval, generate(), no_grad: the model's loss stays untouched
+        if self._record is not None:
+            return
+        training = module.training and torch.is_grad_enabled()
+        if not training and (module.training or not self.measure_eval):
+            return  # generate(), no_grad in train mode, eval without measure_eval: the loss stays untouched
         inputs = _named_inputs(module, args, kwargs)
+        if not training and inputs.get("labels") is None:
+            return  # an evaluation forward without labels (generate()): nothing to measure
         record = self.tracker.record(**self.tracker.masks_for(inputs))
         record.__enter__()
-        self._record = record
+        self._record, self._mode = record, "train" if training else "eval"
 
     def _finish(self, module: nn.Module, args: tuple, kwargs: dict, outputs):
         if self._record is None:
             return None
-        record, self._record = self._record, None
+        record, mode = self._record, self._mode
+        self._record = self._mode = None
         record.__exit__(None, None, None)
         if outputs is None:
             return None  # the forward raised; its own error propagates
-        coef = self.config.coef_at(self.global_step)
+        if mode == "eval":
+            self._measured_eval()
+            return None
+        coef = self.weight.coef(self.global_step)
         term = coef * self.tracker.density_loss()
-        self._accumulate(term)
+        self.weight.observe(self.tracker)
+        self._measured(term, coef)
         scale = 1.0 if self.term_scale is None else float(self.term_scale(kwargs))
-        if coef == 0 or scale == 0:
+        if self.weight.measures_only or scale == 0:
             return None  # measuring only (coef=0): outputs as the model made them
         loss = _loss_of(outputs)
         if loss is None:
-            raise DeftLossError(
-                f"{type(module).__name__} returned no loss ({type(outputs).__name__}), so the DEFT density term "
-                f"cannot be added to it; {NO_LOSS_FIX}"
-            )
-        return _with_loss(outputs, (loss + scale * term).to(loss.dtype))
+            raise self._no_loss_error(module, outputs)
+        added = scale * term
+        self._adding(added)
+        return _with_loss(outputs, (loss + added).to(loss.dtype))
+
+    # ------------------------------------------------------ steps for subclasses
+    def _measured(self, term: torch.Tensor, coef: float) -> None:
+        """A training forward was recorded; `term` = coef × its density loss."""
+        self._sums.add(self.tracker, term)
+
+    def _measured_eval(self) -> None:
+        """An evaluation forward was recorded (measure_eval=True)."""
+
+    def _adding(self, added: torch.Tensor) -> None:
+        """`added` (the scaled term) is about to be added to outputs.loss."""
+
+    def _no_loss_error(self, module: nn.Module, outputs) -> Exception:
+        return DeftLossError(
+            f"{type(module).__name__} returned no loss ({type(outputs).__name__}), so the DEFT density term "
+            f"cannot be added to it; {NO_LOSS_FIX}"
+        )
 
     # ---------------------------------------------------------------- metrics
-    def _accumulate(self, term: torch.Tensor) -> None:
-        # Kept as tensors (no device sync per forward); read and reduced in last_metrics().
-        active, entries = _layer_counts(self.tracker)
-        sums = self._sums or {"active": None, "entries": [0] * len(entries), "loss": 0.0, "forwards": 0}
-        if active is not None:
-            sums["active"] = active if sums["active"] is None else sums["active"] + active
-        sums["entries"] = [a + b for a, b in zip(sums["entries"], entries)]
-        sums["loss"] = sums["loss"] + term.detach().to(torch.float64)
-        sums["forwards"] += 1
-        self._sums = sums
-
     def last_metrics(self) -> dict[str, float]:
         """{"deft/density": mean over layers of the fraction of active entries, "deft/loss": mean density term
         (coef × density loss, as added to the loss)}
         over the training forwards since the previous call (the micro-batches of the last optimizer step when called
-        once per step) and over every process. Empty when nothing was recorded anywhere. A collective when
-        torch.distributed is initialised: every process must call it."""
-        sums, self._sums = self._sums, None
-        layers = len(self.tracker.sites)
-        active = None if sums is None else sums["active"]
-        device = active.device if active is not None else _device_of(self.model)
-        vector = torch.zeros(2 * layers + 2, dtype=torch.float64, device=device)
-        if sums is not None:
-            if active is not None:
-                vector[:layers] = active
-            vector[layers : 2 * layers] = torch.tensor(sums["entries"], dtype=torch.float64)
-            vector[-2] = sums["loss"]
-            vector[-1] = sums["forwards"]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(vector)
-        values = vector.tolist()
-        active_sum, entries, loss_sum, forwards = values[:layers], values[layers : 2 * layers], values[-2], values[-1]
-        densities = [a / e for a, e in zip(active_sum, entries) if e]
-        if not forwards or not densities:
-            return {}
-        return {"deft/density": sum(densities) / len(densities), "deft/loss": loss_sum / forwards}
+        once per step) and over every process, plus the weight (`DensityWeight.log()`: deft/coef, and with
+        target_density the controller's keys) when it changes over training. Empty when nothing was recorded
+        anywhere. A collective when torch.distributed is initialised: every process must call it."""
+        metrics = self._sums.pop(_device_of(self.model))
+        return {**metrics, **self.weight.log()} if metrics else {}
 
     def density(self, threshold: float | None = None) -> dict[str, float]:
         """{MLP block name: density} of the last training forward on this process."""
@@ -143,25 +159,13 @@ class DensityLossHook:
     # --------------------------------------------------------------- teardown
     def remove(self) -> None:
         """Remove both hooks and the tracker's: the model is exactly as before."""
+        record, self._record = self._record, None
+        if record is not None:
+            record.__exit__(None, None, None)
         for handle in self._handles:
             handle.remove()
         self._handles = []
         self.tracker.remove()
-
-
-def _layer_counts(tracker: DensityTracker) -> tuple[torch.Tensor | None, list[int]]:
-    """Active entries (a float64 tensor, read without a device sync) and real entries of the last record per MLP
-    block, in the order of tracker.sites (0 for a block not seen). Like tracker.layer_counts(), which would sync
-    the device once per layer and forward to turn the counts into Python ints."""
-    k = tracker._threshold_index(None)
-    records = [tracker._records.get(site.name) for site in tracker.sites]
-    records = [rec if rec is not None and rec.entries else None for rec in records]
-    seen = [rec for rec in records if rec is not None]
-    if not seen:
-        return None, [0] * len(records)
-    zero = torch.zeros((), dtype=torch.float64, device=seen[0].active.device)
-    active = torch.stack([zero if rec is None else rec.active[k].to(torch.float64) for rec in records])
-    return active, [0 if rec is None else rec.entries for rec in records]
 
 
 def _named_inputs(module: nn.Module, args: tuple, kwargs: dict) -> dict:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .adaptive import attach_layer_weights
 from .architectures import MlpSite, base_model_of, find_mlp_sites
 from .checkpointing import REENTRANT_FIX, DeftCheckpointingError, check_checkpointing
 from .config import DeftConfig, DeftConfigError
@@ -60,6 +61,8 @@ class DensityTracker:
         self._row_weights: dict[tuple, tuple[torch.Tensor, int]] = {}
         self._records: dict[str, _LayerRecord] = {}
         self._handles = [self._hook(site) for site in self.sites]
+        # ADA-DEFT: the learnable per-layer weights live on the model (see deft_common.adaptive).
+        self.adaptive = attach_layer_weights(model, self.config, self.sites) if self.config.adaptive else None
 
     # ------------------------------------------------------------------ hooks
     def _hook(self, site: MlpSite):
@@ -160,8 +163,18 @@ class DensityTracker:
         return {name: rec.surrogate_sum / rec.entries for name, rec in self._records.items() if rec.entries}
 
     def density_loss(self) -> torch.Tensor:
-        """Mean over layers of the per-layer mean of s(a) = a²/(a²+ε) over real tokens (fp32 scalar)."""
-        losses = list(self.layer_losses().values())
+        """Mean over layers of the per-layer mean of s(a) = a²/(a²+ε) over real tokens (fp32 scalar).
+        With DeftConfig(adaptive=True): the ADA-DEFT weighted form (deft_common.adaptive)."""
+        layer_losses = self.layer_losses()
+        if self.adaptive is not None and layer_losses:
+            if self._grad_expected and not self.adaptive.logits.requires_grad:
+                raise DeftConfigError(
+                    "the ADA-DEFT layer weights are frozen (requires_grad=False), e.g. because PEFT wrapped the model "
+                    "after they were attached; build the DensityTracker after get_peft_model, or call "
+                    "deft_common.layer_weights(model).requires_grad_(True)"
+                )
+            return self.adaptive.loss(layer_losses)
+        losses = list(layer_losses.values())
         loss = torch.stack(losses).mean() if losses else torch.zeros((), dtype=torch.float32)
         if self._grad_expected and not loss.requires_grad:
             raise DeftCheckpointingError(

@@ -152,6 +152,21 @@ def run_engine(path: pathlib.Path) -> None:
         engine.step()
     results["warmup_coefs"] = coefs
 
+    # target_density: the controller is fed each step's density when engine.step() advances global_steps.
+    steered = lora_model()
+    steering = DeftLossHook(steered, DeftConfig(eps=1e-3, threshold=0.02, target_density=0.3, controller_gain=2.0))
+    sgd = torch.optim.SGD([p for p in steered.parameters() if p.requires_grad], lr=0.01)
+    controlled, *_ = deepspeed.initialize(model=steered, optimizer=sgd, config={
+        "train_micro_batch_size_per_gpu": ROWS, "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1_000_000})
+    target_metrics = []
+    for _ in range(3):
+        controlled.backward(controlled(**padded).loss)
+        controlled.step()
+        target_metrics.append(steering.last_metrics())
+    results["target_metrics"] = target_metrics
+    steering.remove()
+
     # A forward without labels: the model returns no loss.
     unlabelled = {key: value for key, value in padded.items() if key != "labels"}
     try:

@@ -13,7 +13,6 @@ import json
 import os
 import pathlib
 import re
-import socket
 import subprocess
 import sys
 
@@ -27,6 +26,7 @@ import deft_axolotl  # noqa: E402
 import deft_common  # noqa: E402
 from deft_common import DeftConfig, DeftConfigError  # noqa: E402
 from fixtures import save_model_dir, write_alpaca_jsonl  # noqa: E402
+from processes import free_port  # noqa: E402
 from reference import assert_grads_close, reference_step, trainable_grads  # noqa: E402
 
 DEFT = "deft_axolotl.DeftPlugin"
@@ -171,12 +171,6 @@ class Run:
         return f"<axolotl run {self.name}: exit {self.returncode}; output tail:\n{self.output[-4000:]}>"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(work: pathlib.Path, name: str, config: dict, deepspeed: bool) -> Run:
     path = work / f"{name}.yml"
     path.write_text(yaml.safe_dump(config))
@@ -184,7 +178,7 @@ def _launch(work: pathlib.Path, name: str, config: dict, deepspeed: bool) -> Run
     command = [sys.executable, *entry, str(path)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(_python_path(work))}
     if deepspeed:
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     proc = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=900)
     return Run(name, config, proc.returncode, proc.stdout + proc.stderr)
 
@@ -368,3 +362,25 @@ def test_a_plugin_listed_before_deft_that_picks_the_trainer_is_an_error(built):
     plain = AxolotlTrainer(model=model, args=trainer.args)  # what Axolotl builds when another plugin chose first
     with pytest.raises(DeftConfigError, match="list deft_axolotl.DeftPlugin first"):
         deft_axolotl.DeftPlugin().post_trainer_create(trainer.axolotl_cfg, plain)
+
+
+def test_target_density_in_the_deft_block_steers_the_axolotl_trainer(work, built):
+    from deft_axolotl.plugin import deft_config_from
+
+    config = deft_config_from(_load_cfg(work, "target", deft={"target_density": 0.5, "controller_gain": 0.2}))
+    assert config == DeftConfig(target_density=0.5, controller_gain=0.2)
+    trainer, model = built
+    steered = deft_axolotl.deft_trainer_class(None, config)(model=model, args=trainer.args)
+    steered.current_gradient_accumulation_steps = 1
+    batch = next(iter(trainer.get_train_dataloader()))
+    task_loss, _ = reference_step(model, batch, DeftConfig(coef=0.0))
+    try:
+        assert float(steered.training_step(model, dict(batch))) == pytest.approx(task_loss, rel=1e-5)  # weight 0
+        density = steered.deft_tracker.mean_density()
+        steered.state.global_step = 1  # the next optimizer step: the controller has seen step 0's density
+        loss = float(steered.training_step(model, dict(batch)))
+        assert steered.deft_weight.controller.coef == pytest.approx(0.2 * (density - 0.5))
+        assert loss > task_loss  # now the density term is in the loss
+    finally:
+        steered.deft_tracker.remove()
+        model.zero_grad(set_to_none=True)

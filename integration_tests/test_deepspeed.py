@@ -9,13 +9,9 @@ DeepSpeed's `deepspeed_shm_comm` op (about 25 s), cached per Python/torch/deepsp
 from __future__ import annotations
 
 import importlib.util
-import os
 import pathlib
-import socket
 import subprocess
 import sys
-import tempfile
-from importlib.metadata import version
 
 import pytest
 import torch
@@ -24,6 +20,7 @@ if importlib.util.find_spec("deepspeed") is None:
     pytest.skip("deepspeed is not installed (pip install 'deft-plugins[deepspeed]')", allow_module_level=True)
 
 from packaging.version import Version  # noqa: E402
+from processes import subprocess_env  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
 WORKER = HERE / "deepspeed_worker.py"
@@ -31,25 +28,9 @@ WORKER = HERE / "deepspeed_worker.py"
 GAS_FIXED = Version("0.19.8")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), str(HERE.parent / "plugins"), env.get("PYTHONPATH", "")])
-    # A JIT op cache per version: a cache built by another deepspeed fails with AttributeError at import.
-    tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}-deepspeed{version('deepspeed')}"
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(pathlib.Path(tempfile.gettempdir()) / "deft_torch_extensions" / tag))
-    return env
-
-
 def _run_worker(tmp_path_factory, *args, processes: int = 1) -> dict:
     out = tmp_path_factory.mktemp("deepspeed") / "results.pt"
-    env = _env()
+    env = subprocess_env()
     if processes == 1:
         launcher = [sys.executable, str(WORKER)]
     else:
@@ -152,6 +133,16 @@ def test_two_processes_agree_with_one(engine, two_processes, stage):
 def test_coef_warmup_follows_engine_global_steps(engine):
     # coef 2.0 warmed up over 4 steps: 2.0 * (step + 1) / 4 in optimizer steps 0, 1, 2.
     assert engine["warmup_coefs"] == pytest.approx([0.5, 1.0, 1.5], rel=1e-5)
+
+
+def test_target_density_follows_engine_steps(engine):
+    # target 0.3, gain 2.0: the weight rises by gain × (last step's density - target) at each engine.step().
+    metrics = engine["target_metrics"]
+    assert metrics[0]["deft/coef"] == 0.0 and metrics[0]["deft/loss"] == 0.0
+    for before, after in zip(metrics, metrics[1:]):
+        assert after["deft/coef"] == pytest.approx(before["deft/coef"] + 2.0 * (before["deft/density"] - 0.3))
+        assert after["deft/coef"] > before["deft/coef"] and after["deft/loss"] > 0.0
+        assert after["deft/density_error"] == pytest.approx(before["deft/density"] - 0.3)
 
 
 def test_model_without_loss_is_a_clear_error(engine):

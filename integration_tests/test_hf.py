@@ -140,6 +140,39 @@ def test_density_falls_below_training_without_deft(tmp_path):
     assert densities["mixin", 1.0] == pytest.approx(on, rel=1e-3)  # both adapters train the same way
 
 
+def test_target_density_steers_the_weight_once_per_optimizer_step(tmp_path):
+    # ReLU OPT starts near density 0.5: far above the target, so the weight must rise every step, by
+    # gain × (density of the previous optimizer step - target), the same through both adapters.
+    target, gain = 0.05, 1.0
+    config = DeftConfig(target_density=target, controller_gain=gain)
+    runs = {}
+    for kind in KINDS:
+        trainer = build_trainer(kind, make_model("opt"), make_train_dataset("opt", n=16, seq_len=12), config,
+                                tmp_path, collator=make_collator("opt"), optim="adamw_torch", learning_rate=3e-3,
+                                max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=2)
+        trainer.train()
+        runs[kind] = logs = train_logs(trainer)
+        assert len(logs) == 4
+        assert logs[0]["deft/coef"] == 0.0 and logs[0]["deft/loss"] == 0.0  # plain fine-tuning until measured
+        for before, after in zip(logs, logs[1:]):  # the density of a whole step (both micro-batches) feeds it
+            assert after["deft/coef"] == pytest.approx(before["deft/coef"] + gain * (before["deft/density"] - target))
+        assert all(before["deft/coef"] < after["deft/coef"] for before, after in zip(logs, logs[1:]))
+        assert all(entry["deft/loss"] > 0.0 for entry in logs[1:])  # the weight really multiplies the term
+        assert all(entry["deft/target_density"] == target for entry in logs)
+    assert [h["deft/coef"] for h in runs["mixin"]] == pytest.approx([h["deft/coef"] for h in runs["callback"]])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_target_density_above_the_density_keeps_the_weight_at_zero(kind, tmp_path):
+    trainer = build_trainer(kind, make_model("opt"), make_train_dataset("opt", n=8, seq_len=12),
+                            DeftConfig(target_density=0.99), tmp_path, collator=make_collator("opt"), max_steps=2,
+                            per_device_train_batch_size=4)
+    trainer.train()
+    logs = train_logs(trainer)
+    assert [h["deft/coef"] for h in logs] == [0.0, 0.0]  # never negative: DEFT does not push density up
+    assert all(h["deft/density_error"] < 0 for h in logs[1:])
+
+
 # ----------------------------------------------------------------------------------------- metrics
 class LogRecorder(TrainerCallback):
     """Stands for TensorBoard / W&B: a callback that only reads `logs` in on_log."""

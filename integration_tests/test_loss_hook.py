@@ -118,6 +118,41 @@ def test_warmup_follows_global_step_and_remove_restores_the_model():
     assert model(**batch).loss.item() == pytest.approx(task_loss)
 
 
+def test_target_density_feeds_the_controller_once_per_step_of_global_step():
+    # A raw loop with 2 micro-batches per optimizer step; the weight follows hook.global_step.
+    target, gain = 0.3, 2.0
+    batch = make_batch("llama", 4, 10, padding=True)
+    model = _lora()
+    hook = DensityLossHook(model, DeftConfig(eps=1e-3, threshold=0.02, target_density=target, controller_gain=gain))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    metrics, density_losses = [], []
+    for step in range(3):
+        hook.global_step = step
+        losses = []
+        for half in (slice(0, 2), slice(2, 4)):
+            (model(**{key: value[half] for key, value in batch.items()}).loss / 2).backward()
+            losses.append(hook.tracker.density_loss().item())
+        optimizer.step()
+        optimizer.zero_grad()
+        metrics.append(hook.last_metrics())
+        density_losses.append(sum(losses) / 2)
+    assert metrics[0]["deft/coef"] == 0.0 and metrics[0]["deft/loss"] == 0.0
+    for before, after, density_loss in zip(metrics, metrics[1:], density_losses[1:]):
+        # fed the density of both micro-batches, once per step; the term added is the new weight × density loss
+        assert after["deft/coef"] == pytest.approx(before["deft/coef"] + gain * (before["deft/density"] - target))
+        assert after["deft/coef"] > before["deft/coef"]
+        assert after["deft/loss"] == pytest.approx(after["deft/coef"] * density_loss, rel=1e-5)
+    assert hook.weight.controller.steps == 2  # the last step's density feeds the next step, if any
+
+
+def test_deepspeed_hook_with_target_density_outside_an_engine_is_a_clear_error():
+    batch = make_batch("llama", 2, 8)
+    model = _lora()
+    DeftLossHook(model, DeftConfig(target_density=0.5))
+    with pytest.raises(DeftConfigError, match="target_density.*engine.*DensityLossHook.*global_step"):
+        model(**batch)
+
+
 def test_deepspeed_hook_refuses_the_hf_trainer_loss_scaling():
     batch = make_batch("llama", 2, 8)
     model = _lora()

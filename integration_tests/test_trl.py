@@ -112,6 +112,21 @@ def test_sft_mixin_logs_density_beside_trl_metrics(tmp_path):
     assert all(f"eval_deft/density/{layer}" in evals[0] for layer in layers)
 
 
+def test_sft_mixin_target_density_steers_the_weight(tmp_path):
+    # Random SiLU llama: density ~1 at threshold 0 (no exact zeros), above the target, so the weight rises each step.
+    target, gain = 0.5, 1.0
+    batch = make_batch("llama", batch_size=4, seq_len=8)
+    trainer = sft_trainer(make_model("llama"), sft_dataset(batch), tmp_path,
+                          DeftConfig(target_density=target, controller_gain=gain), max_steps=3,
+                          per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    trainer.train()
+    logs = train_logs(trainer)
+    assert len(logs) == 3 and logs[0]["deft/coef"] == 0.0
+    for before, after in zip(logs, logs[1:]):
+        assert after["deft/coef"] == pytest.approx(before["deft/coef"] + gain * (before["deft/density"] - target))
+        assert after["deft/coef"] > before["deft/coef"] and after["deft/loss"] > 0.0
+
+
 @pytest.mark.skipif(not TRL_OWN_LOSS, reason="TRL < 1.15 SFTTrainer optimises the model's outputs.loss")
 def test_callback_on_sft_trainer_that_computes_its_own_loss_is_refused(tmp_path):
     batch = make_batch("llama", batch_size=4, seq_len=8)

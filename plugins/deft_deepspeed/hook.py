@@ -4,8 +4,10 @@ The hook folds `coef * density loss` into `outputs.loss` inside the module's for
 so the loss the engine returns already holds it; `engine.backward` then scales it for gradient accumulation
 exactly like the task loss, under every ZeRO stage. This module adds what DeepSpeed needs on top:
 
-- coef_warmup_steps follows `engine.global_steps` of the engine that calls the model (found on the call stack,
-  so the loop needs no extra line); without an engine, set `hook.global_step` yourself;
+- coef_warmup_steps and target_density follow `engine.global_steps` of the engine that calls the model (found on
+  the call stack, so the loop needs no extra line): the target-density controller is fed the global mean density
+  of each optimizer step at the first forward after `engine.step()` completed it. Without an engine, set
+  `hook.global_step` yourself (coef_warmup_steps); target_density then raises, as it cannot see the steps;
 - deepspeed < 0.19.8 scales the gradient of every output tensor by 1/GAS a second time on top of the loss
   (the task loss reaches the weights through `logits` and is divided by GAS twice, the density term once).
   That is wrong with or without DEFT, so with gradient_accumulation_steps > 1 and the default
@@ -21,7 +23,7 @@ import torch
 from torch import nn
 
 from deft_common import DeftConfig, DeftConfigError
-from deft_common.loss_hook import DensityLossHook, _loss_of
+from deft_common.loss_hook import DensityLossHook
 
 # deepspeed 0.19.8 (PR #8245) divides the whole loss by GAS once and keeps the output hooks from scaling again.
 FIXED_GAS_SCALING = (0, 19, 8)
@@ -38,6 +40,7 @@ class DeftLossHook(DensityLossHook):
         engine.backward(out.loss)
         engine.step()
         hook.last_metrics()               # {"deft/density": ..., "deft/loss": ...}; every rank must call it
+                                          # (+ deft/coef and the controller's keys with target_density)
 
     hook.tracker is the DensityTracker, hook.density() the last forward's {MLP block: density},
     hook.remove() takes every hook off. Under the HF Trainer use deft_hf instead: the Trainer rescales the
@@ -61,16 +64,19 @@ class DeftLossHook(DensityLossHook):
         self._engine_ref = None if engine is None else weakref.ref(engine)
         if engine is not None:
             self.global_step = engine.global_steps
+        elif self.weight.controller is not None:
+            raise DeftConfigError(
+                f"DeftLossHook with target_density={self.config.target_density} follows the optimizer steps of the "
+                "DeepSpeed engine (engine.global_steps), but this training forward was not called by an engine; "
+                "call the model through the engine (`engine(**batch)`), or outside DeepSpeed use "
+                "deft_common.DensityLossHook and advance `hook.global_step` after each optimizer step"
+            )
         super()._start(module, args, kwargs)
 
-    def _finish(self, module: nn.Module, args: tuple, kwargs: dict, outputs):
-        result = super()._finish(module, args, kwargs, outputs)
+    def _adding(self, added: torch.Tensor) -> None:
         engine = self._engine_ref() if self._engine_ref is not None else None
-        if engine is not None and result is not None and _scales_outputs_twice(engine):
-            loss = _loss_of(result)  # the loss now holding the density term
-            if loss.requires_grad:
-                loss.register_hook(_refuse_double_scaling(engine))
-        return result
+        if engine is not None and added.requires_grad and _scales_outputs_twice(engine):
+            added.register_hook(_refuse_double_scaling(engine))
 
 
 def _calling_engine():

@@ -2,9 +2,10 @@
 
     trainer = Trainer(..., callbacks=[DeftCallback(DeftConfig(coef=1.0))])     # Trainer or Seq2SeqTrainer
 
-A callback gets no access to the loss, so this one hooks the top-level model (`trainer.model`): a forward pre-hook
-starts a `DensityTracker.record()` for each training forward (and each evaluation forward with labels), and a
-forward hook adds coef × density loss × k to `outputs.loss`, the loss `Trainer.compute_loss` returns. k undoes the
+A callback gets no access to the loss, so this one puts deft_common's `DensityLossHook` on the top-level model
+(`trainer.model`): it records each training forward (and each evaluation forward with labels) and adds
+coef × density loss × k to `outputs.loss`, the loss `Trainer.compute_loss` returns. coef follows
+trainer.state.global_step (warm-up, or the target-density controller with DeftConfig.target_density); k undoes the
 gradient-accumulation and multi-process scaling the Trainer applies afterwards (trainer_support.py). It also puts the
 DEFT metrics into the logs (metrics.py) and moves itself first among the callbacks, so that state.log_history,
 TensorBoard and W&B all get them.
@@ -17,7 +18,6 @@ optimizer step, any trainer whose backward never reached the added term. Those n
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
 from importlib.metadata import version
 
 import torch
@@ -25,7 +25,7 @@ import transformers
 from packaging.version import Version
 from transformers import TrainerCallback
 
-from deft_common import DeftConfig, DeftConfigError, DensityTracker
+from deft_common import DeftConfig, DeftConfigError, DensityLossHook, DensityTracker
 
 from .metrics import DeftMetrics
 from .mixin import DeftTrainerMixin
@@ -46,8 +46,9 @@ USE_THE_MIXIN = (
 class DeftCallback(TrainerCallback):
     """`Trainer(..., callbacks=[DeftCallback(DeftConfig(...))])`.
 
-    Attributes: config (the DeftConfig), tracker (the DensityTracker on trainer.model, hooks kept for evaluations
-    after training; `remove()` takes every hook off), trainer (the Trainer it serves), metrics (DeftMetrics).
+    Attributes: config (the DeftConfig), hook (the DensityLossHook on trainer.model, kept for evaluations after
+    training; `hook.weight` gives the density weight and its controller), tracker (its DensityTracker), trainer
+    (the Trainer it serves), metrics (DeftMetrics). `remove()` takes every hook off.
     Like DeftTrainerMixin it sets `trainer.model_accepts_loss_kwargs = False` for models that return a per-batch
     mean loss although they take **kwargs (T5, sequence classification), see trainer_support.py.
     """
@@ -58,21 +59,21 @@ class DeftCallback(TrainerCallback):
             raise DeftConfigError(
                 f"DeftCallback needs a deft_common.DeftConfig, got {type(config).__module__}.{type(config).__name__}"
             )
-        self.tracker: DensityTracker | None = None
+        self.hook: _TrainerLossHook | None = None
         self.trainer: transformers.Trainer | None = None
         self.metrics = DeftMetrics()
-        self._hooks = []
-        self._record = None  # the open DensityTracker.record() of the running forward
-        self._mode = None  # "train" or "eval" for that forward
-        self._device = None
         self._terms_in_flight = 0  # density terms of this optimizer step that backward has not reached yet
+
+    @property
+    def tracker(self) -> DensityTracker | None:
+        return None if self.hook is None else self.hook.tracker
 
     # ------------------------------------------------------------------------------------------ events
     def on_init_end(self, args, state, control, model=None, **kwargs):
-        self._bind(args, model)
+        self._bind(model)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._bind(args, model)  # again: model_init may have built a new model, or the callback came via add_callback
+        self._bind(model)  # again: model_init may have built a new model, or the callback came via add_callback
         _refuse_loss_outside_model(self.trainer)
         disable_ignored_loss_kwargs(self.trainer)
         ensure_non_reentrant_checkpointing(model)
@@ -102,16 +103,12 @@ class DeftCallback(TrainerCallback):
 
     def remove(self) -> None:
         """Remove every hook DEFT put on the model."""
-        self._close_record()
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
-        if self.tracker is not None:
-            self.tracker.remove()
-            self.tracker = None
+        if self.hook is not None:
+            self.hook.remove()
+            self.hook = None
 
     # ------------------------------------------------------------------------------------------ setup
-    def _bind(self, args, model) -> None:
+    def _bind(self, model) -> None:
         trainer = _calling_trainer() or self.trainer  # the one found at init, for events sent from outside it
         if trainer is None:
             raise DeftCallbackError(
@@ -121,14 +118,11 @@ class DeftCallback(TrainerCallback):
             raise DeftCallbackError(
                 f"{type(trainer).__name__} already applies DEFT through DeftTrainerMixin; remove the DeftCallback"
             )
-        self.trainer, self._device = trainer, args.device
-        if self.tracker is None or self.tracker.model is not model:
+        self.trainer = trainer
+        if self.hook is None or self.hook.model is not model:
             self.remove()
-            self.tracker = DensityTracker(model, self.config)
-            self._hooks = [
-                model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
-                model.register_forward_hook(self._after_forward, with_kwargs=True),
-            ]
+            self.hook = _TrainerLossHook(self, model)
+            self.metrics = DeftMetrics(self.hook.weight)
         # First in line, so that on_log adds the metrics before the reporting callbacks see `logs`. Moving the
         # current callback to the front during the event's loop shifts only callbacks that already ran.
         callbacks = trainer.callback_handler.callbacks
@@ -136,63 +130,48 @@ class DeftCallback(TrainerCallback):
             callbacks.remove(self)
             callbacks.insert(0, self)
 
-    # ------------------------------------------------------------------------------------------ hooks
-    def _before_forward(self, module, args, kwargs):
-        self._close_record()  # left open only when the previous forward raised
-        if module.training and torch.is_grad_enabled():
-            if kwargs.get("fused_lm_head"):
-                raise DeftCallbackError(
-                    "TRL's SFTTrainer (>= 1.15) computes the loss itself from a fused LM head and ignores the "
-                    f"model's outputs.loss, to which DeftCallback adds the density term. {USE_THE_MIXIN}"
-                )
-            mode = "train"
-        elif not module.training and kwargs.get("labels") is not None:
-            mode = "eval"  # the loss forward of an evaluation step: measure density (not generate()'s forwards)
-        else:
-            return None
-        record = self.tracker.record(**self.tracker.masks_for(kwargs))
-        record.__enter__()
-        self._record, self._mode = record, mode
-        return None
-
-    def _after_forward(self, module, args, kwargs, output):
-        if self._record is None:
-            return None
-        mode = self._mode
-        self._close_record()
-        if mode == "eval":
-            self.metrics.add("eval", self.tracker, device=self._device)
-            return None
-        if not isinstance(output, Mapping):
-            raise DeftCallbackError(
-                f"{type(module).__name__} returned a {type(output).__name__}, not a ModelOutput with a loss "
-                f"(return_dict=False?): DeftCallback adds the density term to outputs.loss. {USE_THE_MIXIN}"
-            )
-        loss = output.get("loss")
-        if loss is None:
-            raise DeftCallbackError(
-                f"{type(module).__name__} returned no loss in a training step: the Trainer computes the loss outside "
-                "the model (labels removed for compute_loss_func or label smoothing, or a custom compute_loss), so "
-                f"DeftCallback cannot add the density term to it. {USE_THE_MIXIN}"
-            )
-        trainer = self.trainer
-        coef = self.config.coef_at(trainer.state.global_step)
-        term = coef * self.tracker.density_loss()
-        added = term * density_term_scale(trainer, kwargs.get("num_items_in_batch"), inside_model_loss=True)
-        if added.requires_grad:
-            self._terms_in_flight += 1
-            added.register_hook(self._reached_backward)
-        output["loss"] = loss + added
-        self.metrics.add("train", self.tracker, term, coef, device=self._device)
-        return output
-
     def _reached_backward(self, grad):
         self._terms_in_flight -= 1
 
-    def _close_record(self) -> None:
-        record, self._record = self._record, None
-        if record is not None:
-            record.__exit__(None, None, None)
+
+class _TrainerLossHook(DensityLossHook):
+    """deft_common.DensityLossHook on trainer.model, driven by the Trainer: the weight follows
+    trainer.state.global_step, the term is scaled for the Trainer's gradient-accumulation and multi-process
+    handling, metrics go to the callback's DeftMetrics, and evaluation forwards with labels are measured."""
+
+    def __init__(self, callback: DeftCallback, model):
+        self.callback = callback
+        super().__init__(model, callback.config, term_scale=self._trainer_scale, measure_eval=True)
+
+    def _trainer_scale(self, kwargs: dict) -> float:
+        return density_term_scale(self.callback.trainer, kwargs.get("num_items_in_batch"), inside_model_loss=True)
+
+    def _start(self, module, args, kwargs):
+        if module.training and torch.is_grad_enabled() and kwargs.get("fused_lm_head"):
+            raise DeftCallbackError(
+                "TRL's SFTTrainer (>= 1.15) computes the loss itself from a fused LM head and ignores the "
+                f"model's outputs.loss, to which DeftCallback adds the density term. {USE_THE_MIXIN}"
+            )
+        self.global_step = self.callback.trainer.state.global_step
+        super()._start(module, args, kwargs)
+
+    def _measured(self, term, coef):
+        self.callback.metrics.add("train", self.tracker, term, device=self.callback.trainer.args.device)
+
+    def _measured_eval(self):
+        self.callback.metrics.add("eval", self.tracker, device=self.callback.trainer.args.device)
+
+    def _adding(self, added):
+        if added.requires_grad:  # on_step_end checks that backward reached it
+            self.callback._terms_in_flight += 1
+            added.register_hook(self.callback._reached_backward)
+
+    def _no_loss_error(self, module, outputs):
+        return DeftCallbackError(
+            f"{type(module).__name__} returned no loss in a training step ({type(outputs).__name__}): the Trainer "
+            "computes the loss outside the model (labels removed for compute_loss_func or label smoothing, or a "
+            f"custom compute_loss), so DeftCallback cannot add the density term to it. {USE_THE_MIXIN}"
+        )
 
 
 def _calling_trainer() -> transformers.Trainer | None:

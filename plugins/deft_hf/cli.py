@@ -7,6 +7,7 @@ import sys
 
 from deft_common import __version__
 
+from .bench import add_bench_command
 from .demo import add_demo_command
 from .density import add_density_command
 
@@ -20,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_demo_command(commands)
     add_density_command(commands)
+    add_bench_command(commands)
     return parser
 
 

@@ -27,6 +27,8 @@ from .data import (DeftDataError, check_model_dir, default_model_dir, label_ids,
 from .density import LayerDensity, format_table, mean, measure_density, relative_reduction
 
 DEFAULT_TARGETS = ["query", "value", "dense"]
+ADA_SKIP_BUDGET = 0.5  # `deft demo --adaptive`: skip half of the MLP blocks unless told otherwise
+ADA_TIMED_BATCHES = 4  # held-out batches of 32 texts whose forward time compares the skipped and unskipped model
 
 
 @dataclass
@@ -224,7 +226,10 @@ def train_and_evaluate(settings: DemoSettings, use_deft: bool, train: list[dict]
     total = -(-len(held_out) // 32)
     eval_bar = tqdm(eval_batches, total=total, desc=f"{name} evaluation", unit="batch", dynamic_ncols=True)
     layers = measure_density(model, eval_bar, settings.threshold, on_outputs=score, body=model.body)
+    ada = _ada_inference(model, tokenizer, encode(held_out), [r["label"] for r in held_out], config, device,
+                         correct / len(held_out)) if use_deft and config.adaptive else None
     return {
+        **({"ada": ada} if ada is not None else {}),
         "accuracy": correct / len(held_out),
         "density": mean(layers),
         "density_thresholded": mean(layers, "thresholded"),
@@ -234,6 +239,51 @@ def train_and_evaluate(settings: DemoSettings, use_deft: bool, train: list[dict]
         **{k: (round(v, 1) if isinstance(v, float) else v) for k, v in peak.items()},
         "device": device,
         "history": history,
+    }
+
+
+def _ada_inference(model, tokenizer, held_out_ids, held_out_labels, config: DeftConfig, device, accuracy: float) -> dict:
+    """ADA-DEFT at inference: skip the MLP blocks the learned weights choose (config.skip_budget or
+    skip_threshold) in a copy of `model`, then compare both on the held-out texts: accuracy, and forward runtime
+    and memory measured side by side (deft_hf.measure)."""
+    import copy
+
+    from deft_common import apply_ada_deft, layer_weights
+
+    from .measure import compare_inference, memory_kind, relative_saving
+
+    weights = layer_weights(model.body).weights()
+    skipped = copy.deepcopy(model)
+    report = apply_ada_deft(skipped.body, config)
+    batches = list(_batches(tokenizer, held_out_ids, held_out_labels, range(len(held_out_ids)), 32, device))
+    correct = 0
+    with torch.inference_mode():
+        skipped.eval()
+        for batch in batches:
+            correct += int((skipped(**batch).logits.argmax(-1) == batch["labels"]).sum())
+    skipped_accuracy = correct / len(held_out_ids)
+    timing = compare_inference({"unskipped": model, "skipped": skipped}, batches[:ADA_TIMED_BATCHES], device)
+    full, skip = timing["unskipped"], timing["skipped"]
+    return {
+        "layer_weights": weights,
+        "skipped_blocks": report.blocks,
+        "skip_budget": config.skip_budget,
+        "skip_threshold": config.skip_threshold,
+        "freed_parameters": report.freed_parameters,
+        "accuracy_unskipped": accuracy,
+        "accuracy_skipped": skipped_accuracy,
+        "accuracy_delta_points": 100 * (skipped_accuracy - accuracy),
+        "runtime_s_unskipped": full["runtime_s"],
+        "runtime_s_skipped": skip["runtime_s"],
+        "runtime_saving": relative_saving(full["runtime_s"], skip["runtime_s"]),
+        "memory_mb_unskipped": full["memory_mb"],
+        "memory_mb_skipped": skip["memory_mb"],
+        "memory_saving": relative_saving(full["memory_mb"], skip["memory_mb"]),
+        "parameters_unskipped": full["parameters"],
+        "parameters_skipped": skip["parameters"],
+        "runtime_kind": f"median over 5 interleaved rounds of the forward time of {min(ADA_TIMED_BATCHES, len(batches))} held-out "
+                        "batches of 32 texts (inference mode)",
+        "memory_kind": memory_kind(device) + ", inference on the largest of those batches",
     }
 
 
@@ -264,7 +314,11 @@ def _check_model(settings: DemoSettings, num_labels: int) -> None:
             model = transformers.AutoModel.from_config(config)
     except (OSError, ValueError) as err:
         raise DeftDataError(f"{settings.model}: transformers cannot build this model ({err})") from err
-    find_mlp_sites(model, settings.deft)
+    sites = find_mlp_sites(model, settings.deft)
+    if settings.deft.adaptive and settings.deft.skip_budget is not None:
+        from deft_common.adaptive import budget_to_count
+
+        budget_to_count(settings.deft.skip_budget, len(sites))  # a budget the model cannot meet fails now, not after training
 
 
 def _in_subprocess(*args) -> dict:
@@ -342,6 +396,26 @@ def report(results: dict) -> str:
         lines.append(f"{'  of which training (MB)':24}{peft['training_memory_increase_mb']:>12.0f}"
                      f"{deft['training_memory_increase_mb']:>12.0f}")
     lines.append(f"peak memory: {peft['peak_memory_kind']}")
+    if "ada" in deft:
+        lines += ["", ada_report(deft["ada"])]
+    return "\n".join(lines)
+
+
+def ada_report(ada: dict) -> str:
+    """ADA-DEFT's learned weights and the skipped vs unskipped model at inference."""
+    weights = ", ".join(f"{name.rsplit('.', 1)[-1] if name.count('.') < 3 else name}: {w:.2f}"
+                        for name, w in ada["layer_weights"].items())
+    lines = [f"ADA-DEFT layer weights (mean 1): {weights}",
+             f"skipped {len(ada['skipped_blocks'])} of {len(ada['layer_weights'])} MLP blocks: "
+             f"{', '.join(ada['skipped_blocks'])} ({ada['freed_parameters']:,} parameters freed)",
+             f"{'inference':24}{'unskipped':>12}{'skipped':>12}{'change':>12}",
+             f"{'held-out accuracy':24}{ada['accuracy_unskipped']:>12.4f}{ada['accuracy_skipped']:>12.4f}"
+             f"{ada['accuracy_delta_points']:>+9.2f} pt",
+             f"{'forward runtime (s)':24}{ada['runtime_s_unskipped']:>12.4f}{ada['runtime_s_skipped']:>12.4f}"
+             f"{-ada['runtime_saving']:>+12.1%}",
+             f"{'memory (MB)':24}{ada['memory_mb_unskipped']:>12.1f}{ada['memory_mb_skipped']:>12.1f}"
+             f"{-ada['memory_saving']:>+12.1%}",
+             f"runtime: {ada['runtime_kind']}", f"memory: {ada['memory_kind']}"]
     return "\n".join(lines)
 
 
@@ -448,7 +522,24 @@ def add_demo_command(subparsers) -> None:
     deft.add_argument("--coef-warmup-steps", type=int, default=d.deft.coef_warmup_steps,
                       help="ramp the fixed weight up over this many steps (default %(default)s)")
     deft.add_argument("--eps", type=float, default=d.deft.eps, help="ε of the surrogate a²/(a²+ε) (default %(default)g)")
+    ada = p.add_argument_group("ADA-DEFT (deft_common.adaptive)")
+    ada.add_argument("--adaptive", action="store_true",
+                     help="train the DEFT run with learnable per-layer weights (ADA-DEFT), then skip the MLP blocks "
+                     "they choose and compare accuracy, runtime and memory of the skipped vs the unskipped model")
+    ada.add_argument("--skip-budget", type=_skip_budget, default=None,
+                     help=f"MLP blocks to skip: a number (2) or a fraction (0.5) (default {ADA_SKIP_BUDGET} "
+                     "unless --skip-threshold is given)")
+    ada.add_argument("--skip-threshold", type=float, default=None,
+                     help="instead of a budget: skip the blocks whose weight (mean 1) is at least this")
+    ada.add_argument("--adaptive-temperature", type=float, default=d.deft.adaptive_temperature,
+                     help="τ of ADA-DEFT: smaller concentrates the density pressure on fewer blocks (default %(default)g)")
     p.set_defaults(handler=demo_command)
+
+
+def _skip_budget(text: str) -> int | float:
+    """'2' -> 2 blocks, '0.5' -> half of them."""
+    value = float(text)
+    return int(value) if value.is_integer() and value >= 1 else value
 
 
 def _optional_float(text: str) -> float | None:
@@ -457,8 +548,15 @@ def _optional_float(text: str) -> float | None:
 
 @reports_errors
 def demo_command(args) -> int:
+    adaptive = {}
+    if args.adaptive:
+        budget = args.skip_budget if args.skip_budget is not None or args.skip_threshold is not None else ADA_SKIP_BUDGET
+        adaptive = {"adaptive": True, "adaptive_temperature": args.adaptive_temperature, "skip_budget": budget,
+                    "skip_threshold": args.skip_threshold}
+    elif args.skip_budget is not None or args.skip_threshold is not None:
+        raise DeftDataError("--skip-budget and --skip-threshold choose the blocks ADA-DEFT skips; add --adaptive")
     deft = DeftConfig(coef=args.coef, eps=args.eps, coef_warmup_steps=args.coef_warmup_steps,
-                      target_density=args.target_density, controller_gain=args.controller_gain)
+                      target_density=args.target_density, controller_gain=args.controller_gain, **adaptive)
     targets = args.lora_targets if args.lora_targets == "all-linear" else [t for t in args.lora_targets.split(",") if t]
     settings = DemoSettings(
         model=args.model, data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size,

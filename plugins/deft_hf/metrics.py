@@ -8,7 +8,9 @@ process runs its forward passes in lockstep, so the collective is safe there; `l
     deft/density              mean over layers of the fraction of active entries (|a| > threshold, real tokens only)
     deft/density/<layer>      the same per MLP block (its module name)
     deft/loss                 the density term added to the loss, coef × density loss, mean over micro-batches
-    deft/coef                 the current coef, when it is warmed up (coef_warmup_steps > 0)
+    deft/coef                 the density weight of the last training step, when it changes over training
+                              (coef_warmup_steps > 0, or target_density: then also the controller's
+                              deft/target_density and deft/density_error), from deft_common.DensityWeight.log()
 
 Evaluation logs carry the same keys behind their prefix: `eval_deft/density`, `eval_deft/density/<layer>`.
 """
@@ -19,7 +21,7 @@ import re
 
 import torch
 
-from deft_common import DensityTracker
+from deft_common import DensityTracker, DensityWeight
 
 _RUNTIME_KEY = re.compile(r"^(.+)_runtime$")
 
@@ -30,21 +32,21 @@ class _Window:
         self.counts: torch.Tensor | None = None  # float64 (layers, 2): active, real entries
         self.term_sum = 0.0
         self.term_count = 0.0
-        self.coef = None
 
     def empty(self) -> bool:
         return self.counts is None
 
 
 class DeftMetrics:
-    def __init__(self):
+    """weight: the DensityWeight of the run, whose log() (deft/coef, ...) joins each training log."""
+
+    def __init__(self, weight: DensityWeight | None = None):
+        self.weight = weight
         self._windows = {"train": _Window(), "eval": _Window()}
 
-    def add(self, mode: str, tracker: DensityTracker, term: torch.Tensor | None = None, coef: float | None = None,
-            device=None) -> None:
+    def add(self, mode: str, tracker: DensityTracker, term: torch.Tensor | None = None, device=None) -> None:
         """Add the last `tracker.record()` to the "train" or "eval" window. `term`: the density term of that forward
-        (training only); `coef`:
-        the weight it used. A collective when torch.distributed is initialised: every process must call it."""
+        (training only). A collective when torch.distributed is initialised: every process must call it."""
         layers = [site.name for site in tracker.sites]
         counts = tracker.layer_counts()
         values = [float(counts.get(name, (0, 0))[k]) for name in layers for k in (0, 1)]
@@ -59,8 +61,6 @@ class DeftMetrics:
         window.counts += totals[:-2].cpu().view(-1, 2)
         window.term_sum += float(totals[-2])
         window.term_count += float(totals[-1])
-        if tracker.config.coef_warmup_steps:
-            window.coef = coef
 
     def clear(self, mode: str) -> None:
         self._windows[mode] = _Window()
@@ -77,8 +77,8 @@ class DeftMetrics:
             out[f"{prefix}deft/density"] = sum(per_layer.values()) / len(per_layer)
         if window.term_count:
             out[f"{prefix}deft/loss"] = window.term_sum / window.term_count
-        if window.coef is not None:
-            out[f"{prefix}deft/coef"] = window.coef
+        if mode == "train" and self.weight is not None:
+            out.update(self.weight.log())
         out.update({f"{prefix}deft/density/{name}": value for name, value in per_layer.items()})
         return out
 

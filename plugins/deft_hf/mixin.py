@@ -9,8 +9,11 @@
     trainer = MyTrainer(model=model, args=args, train_dataset=ds, deft_config=DeftConfig(coef=1.0))
 
 Each training micro-batch: loss = task loss + coef × density loss (scaled for gradient accumulation the way the
-Trainer scales the task loss, see trainer_support.py). Evaluation forwards only measure density. The logs get
-deft/density, deft/loss, deft/density/<layer> and eval_deft/... (see metrics.py).
+Trainer scales the task loss, see trainer_support.py). coef is DeftConfig.coef_at(state.global_step), or with
+DeftConfig.target_density the target-density controller's weight, fed once per optimizer step with the global mean
+density of that step (deft_common.DensityWeight). Evaluation forwards only measure density. The logs get
+deft/density, deft/loss, deft/density/<layer>, eval_deft/... and, when the weight changes over training,
+deft/coef (see metrics.py).
 
 Evaluation density is measured inside `compute_loss`, i.e. for evaluation batches with labels. Seq2SeqTrainer with
 `predict_with_generate=True` computes its evaluation loss outside `compute_loss`, so there the mixin logs no
@@ -19,6 +22,7 @@ eval_deft/... keys (DeftCallback does).
 Public attributes, for code that builds on the mixin:
     deft_config    the DeftConfig in use (constructor keyword `deft_config`, else the class attribute, else defaults)
     deft_tracker   the DensityTracker on `trainer.model`; its hooks stay for the trainer's lifetime (`.remove()`)
+    deft_weight    the DensityWeight giving each step's coef (`.controller` with target_density)
     deft_metrics   the DeftMetrics windows merged into the logs
 """
 
@@ -26,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from deft_common import DeftConfig, DeftConfigError, DensityTracker
+from deft_common import DeftConfig, DeftConfigError, DensityTracker, DensityWeight
 
 from .metrics import DeftMetrics
 from .trainer_support import density_term_scale, disable_ignored_loss_kwargs, ensure_non_reentrant_checkpointing
@@ -49,7 +53,8 @@ class DeftTrainerMixin:
         super().__init__(*args, **kwargs)
         self.deft_config = config
         self.deft_tracker = DensityTracker(self.model, config)  # after super(): TRL wraps the model in PEFT there
-        self.deft_metrics = DeftMetrics()
+        self.deft_weight = DensityWeight(config, len(self.deft_tracker.sites), self.args.device)
+        self.deft_metrics = DeftMetrics(self.deft_weight)
         disable_ignored_loss_kwargs(self)
 
     def _deft_current_tracker(self) -> DensityTracker:
@@ -72,10 +77,10 @@ class DeftTrainerMixin:
             self.deft_metrics.add("eval", tracker, device=self.args.device)
             return result
         loss, outputs = result if return_outputs else (result, None)
-        coef = self.deft_config.coef_at(self.state.global_step)
-        term = coef * tracker.density_loss()
+        term = self.deft_weight.coef(self.state.global_step) * tracker.density_loss()
+        self.deft_weight.observe(tracker)
         loss = loss + term * density_term_scale(self, num_items_in_batch, inside_model_loss=False)
-        self.deft_metrics.add("train", tracker, term, coef, device=self.args.device)
+        self.deft_metrics.add("train", tracker, term, device=self.args.device)
         return (loss, outputs) if return_outputs else loss
 
     def evaluation_loop(self, *args, **kwargs):

@@ -1,0 +1,382 @@
+"""ADA-DEFT: learnable per-layer weights on the density terms, and skipping the MLP blocks they select.
+
+The paper (arXiv 2402.01911 v2) describes ADA-DEFT only as "layerwise learnable weights" that select MLP blocks to
+skip at inference; its equations are not public. This is this project's design.
+
+Training. One logit θ_ℓ per MLP block ℓ (the blocks the DensityTracker hooks, encoder and decoder together).
+With D̂_ℓ the block's density loss (mean of s(a) = a²/(a²+ε) over real tokens) and L blocks:
+
+    p = softmax(k·θ)                                   k = DeftConfig.adaptive_logit_scale
+    w_ℓ = L·p_ℓ                                        the layer weights; mean 1
+    density loss = (1/L) Σ_ℓ w_ℓ·D̂_ℓ + τ·KL(p ‖ uniform)   τ = DeftConfig.adaptive_temperature
+
+and the caller adds coef × density loss to the task loss as usual; θ trains with the PEFT parameters.
+
+Why this form:
+- Unnormalised weights would run to zero: that removes the density term, the cheapest way to lower the loss.
+  Normalising them (softmax × L, so Σ w = L) keeps the total density pressure of plain DEFT and lets the weights
+  only *redistribute* it between blocks. With uniform logits (the start) the loss is exactly plain DEFT's.
+- Minimising Σ p_ℓ D̂_ℓ over p alone is linear: its optimum puts all weight on the single sparsest block (a
+  second degenerate solution). The KL term to the uniform distribution makes the optimum over p unique and
+  smooth: p_ℓ ∝ exp(−D̂_ℓ / τ), a soft-min over the blocks' densities. Blocks whose activations fall easily
+  (the task does not need them) get more weight, so more pressure, and end with all-zero activations: those are
+  the blocks to skip. Blocks the task needs keep their density and lose weight, so the task is not hurt.
+  The KL term is ≥ 0 and 0 at the start, so the density loss stays ≥ 0 and logs like plain DEFT's.
+- Adam moves a parameter by about the learning rate per step whatever its gradient, and LoRA learning rates
+  (1e-4 .. 1e-3) would move logits of order 1 by too little in a few hundred steps. So the stored parameter is
+  θ and the logit is k·θ: an optimizer step moves the logits by about k × lr.
+
+The weights are an `nn.Parameter` on a small module (`AdaptiveLayerWeights`) registered on the base model as
+`deft_adaptive`: optimizers built from `model.parameters()` (HF Trainer, DeepSpeed) train it, it is in the model's
+state dict, and DeepSpeed ZeRO-3 gathers it because its weights are read by calling the module.
+PEFT's `save_pretrained` keeps only adapter weights, so `save_layer_weights(model, DIR)` writes them beside the
+adapter (DIR/deft_adaptive.json) and `load_layer_weights(model, DIR)` puts them back.
+
+Inference. `choose_blocks_to_skip` ranks blocks by weight and takes a budget (a number of blocks or a fraction)
+or those whose weight is at least a threshold; `skip_mlp_blocks` replaces each chosen MLP by what it computes when
+all its activations are zero: the down-projection's bias (zero when it has none), so
+
+    Llama / Mistral / T5 (no bias):  h + MLP(h)        ->  h
+    GPT-2 / Phi (bias b):            h + MLP(h)        ->  h + b
+    BERT / RoBERTa (post-LN):        LN(h + MLP(h))    ->  LN(h + b)
+
+A block DEFT drove to density 0 is thereby skipped exactly, and its up/down-projection weights are freed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .architectures import MlpSite, base_model_of, find_mlp_sites
+from .config import DeftConfig, DeftConfigError
+
+ATTRIBUTE = "deft_adaptive"  # where the weights module sits on the base model
+WEIGHTS_FILE = "deft_adaptive.json"  # the file beside a saved adapter
+_FORMAT = 1
+
+
+class AdaptiveLayerWeights(nn.Module):
+    """The ADA-DEFT logits of the MLP blocks `names` (in the tracker's order). Call it for p = softmax(k·θ)."""
+
+    def __init__(self, names: list[str], logit_scale: float = 100.0, temperature: float = 0.1):
+        super().__init__()
+        self.names = list(names)
+        self.logit_scale = float(logit_scale)
+        self.temperature = float(temperature)
+        self.logits = nn.Parameter(torch.zeros(len(self.names), dtype=torch.float32))
+
+    def forward(self) -> torch.Tensor:
+        return torch.softmax(self.logits.float() * self.logit_scale, dim=0)
+
+    def weights(self) -> dict[str, float]:
+        """{block name: w_ℓ = L·p_ℓ} (mean 1): above 1, the block gets more density pressure than plain DEFT's."""
+        with torch.no_grad():
+            p = self().cpu()
+        return {name: float(v) * len(self.names) for name, v in zip(self.names, p)}
+
+    def loss(self, layer_losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Σ_ℓ p_ℓ·D̂_ℓ + τ·KL(p ‖ uniform) over the blocks in `layer_losses` (p renormalised over them)."""
+        unknown = [n for n in layer_losses if n not in self.names]
+        if unknown:
+            raise DeftConfigError(
+                f"ADA-DEFT weights know the MLP blocks {self.names}, but the tracker recorded {unknown[0]!r}; "
+                "the weights belong to another layer selection (DeftConfig.layers/modules)"
+            )
+        p = self()
+        index = [self.names.index(n) for n in layer_losses]
+        if len(index) != len(self.names):
+            p = p[index] / p[index].sum()
+        losses = torch.stack([v.float() for v in layer_losses.values()])
+        kl = (p * torch.log(p.clamp_min(1e-30))).sum() + math.log(len(index))
+        return (p.to(losses.device) * losses).sum() + self.temperature * kl.to(losses.device)
+
+    def extra_repr(self) -> str:
+        return f"blocks={len(self.names)}, logit_scale={self.logit_scale:g}, temperature={self.temperature:g}"
+
+
+# ------------------------------------------------------------------------------------------------ weights
+def layer_weights(model: nn.Module) -> AdaptiveLayerWeights | None:
+    """The ADA-DEFT weights registered on `model` (plain or PEFT-wrapped), or None."""
+    module = getattr(base_model_of(model), ATTRIBUTE, None)
+    return module if isinstance(module, AdaptiveLayerWeights) else None
+
+
+def attach_layer_weights(model: nn.Module, config: DeftConfig, sites: list[MlpSite] | None = None) -> AdaptiveLayerWeights:
+    """The ADA-DEFT weights of `model`, created (uniform, on the model's device) when it has none yet.
+
+    Call it before building the optimizer, so the optimizer trains them (a DensityTracker with
+    DeftConfig(adaptive=True) calls it too, which is enough when the optimizer is built after the tracker)."""
+    if not config.adaptive:
+        raise DeftConfigError("attach_layer_weights needs DeftConfig(adaptive=True)")
+    names = [s.name for s in (sites if sites is not None else find_mlp_sites(model, config))]
+    existing = layer_weights(model)
+    if existing is not None:
+        if existing.names != names:
+            raise DeftConfigError(
+                f"the model already has ADA-DEFT weights for the MLP blocks {existing.names}, but this DeftConfig "
+                f"selects {names}; use the same DeftConfig.layers/modules as when they were made"
+            )
+        return existing
+    weights = AdaptiveLayerWeights(names, config.adaptive_logit_scale, config.adaptive_temperature)
+    param = next(model.parameters(), None)
+    if param is not None and param.device.type != "meta":
+        weights.to(param.device)
+    base_model_of(model).add_module(ATTRIBUTE, weights)
+    return weights
+
+
+def save_layer_weights(model: nn.Module, directory) -> pathlib.Path:
+    """Write the ADA-DEFT weights of `model` to DIRECTORY/deft_adaptive.json (e.g. beside a PEFT adapter saved
+    there with save_pretrained, which keeps adapter weights only)."""
+    weights = _require_weights(model, "save_layer_weights")
+    path = pathlib.Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    record = {
+        "format": _FORMAT,
+        "blocks": weights.names,
+        "logits": weights.logits.detach().float().cpu().tolist(),
+        "logit_scale": weights.logit_scale,
+        "temperature": weights.temperature,
+        "weights": weights.weights(),  # for reading only; loading uses the logits
+    }
+    (path / WEIGHTS_FILE).write_text(json.dumps(record, indent=2))
+    return path / WEIGHTS_FILE
+
+
+def load_layer_weights(model: nn.Module, directory) -> AdaptiveLayerWeights:
+    """Put the weights saved by save_layer_weights(…, DIRECTORY) on `model` (replacing any it has)."""
+    path = pathlib.Path(directory) / WEIGHTS_FILE
+    if not path.is_file():
+        raise DeftConfigError(
+            f"{str(path)!r} does not exist: no ADA-DEFT weights were saved in {str(directory)!r}; after "
+            "model.save_pretrained(DIR) call deft_common.save_layer_weights(model, DIR)"
+        )
+    try:
+        record = json.loads(path.read_text())
+        names, logits = list(record["blocks"]), [float(v) for v in record["logits"]]
+        scale, temperature = float(record["logit_scale"]), float(record["temperature"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise DeftConfigError(f"{path}: not an ADA-DEFT weights file ({err!r}); write it with save_layer_weights") from err
+    known = [s.name for s in find_mlp_sites(model, DeftConfig(coef=0.0, capture="down_in"))]
+    missing = [n for n in names if n not in known]
+    if missing or len(logits) != len(names):
+        raise DeftConfigError(
+            f"{path} holds weights for the MLP blocks {names}, which this model does not have "
+            f"(first missing: {missing[0] if missing else '-'}; the model has {known}); load it on the model it was trained on"
+        )
+    weights = AdaptiveLayerWeights(names, scale, temperature)
+    with torch.no_grad():
+        weights.logits.copy_(torch.tensor(logits))
+    param = next(model.parameters(), None)
+    if param is not None:
+        weights.to(param.device)
+    base_model_of(model).add_module(ATTRIBUTE, weights)  # replaces an existing one
+    return weights
+
+
+def _require_weights(model: nn.Module, caller: str) -> AdaptiveLayerWeights:
+    weights = layer_weights(model)
+    if weights is None:
+        raise DeftConfigError(
+            f"{caller}: the model has no ADA-DEFT weights; train with DeftConfig(adaptive=True) (the DensityTracker "
+            "adds them), or load them with deft_common.load_layer_weights(model, ADAPTER_DIR)"
+        )
+    return weights
+
+
+# ------------------------------------------------------------------------------------------------ selection
+def choose_blocks_to_skip(model: nn.Module, budget: int | float | None = None, threshold: float | None = None) -> list[str]:
+    """The MLP blocks to skip, from the model's ADA-DEFT weights, in forward order.
+
+    budget:    a number of blocks (int >= 1), or a fraction of them (float in (0, 1), rounded): the blocks with the
+               largest weights.
+    threshold: every block whose weight w_ℓ (mean 1 over the blocks) is at least this.
+    Exactly one of the two."""
+    weights = _require_weights(model, "choose_blocks_to_skip")
+    if (budget is None) == (threshold is None):
+        raise DeftConfigError(
+            "choose how many MLP blocks ADA-DEFT skips: give either a budget (a number of blocks, or a fraction such "
+            "as 0.5) or a weight threshold (e.g. 1.5), not both and not neither (DeftConfig.skip_budget / skip_threshold)"
+        )
+    w = weights.weights()
+    n = len(w)
+    if max(w.values()) - min(w.values()) < 1e-6:
+        raise DeftConfigError(
+            "the ADA-DEFT weights are all equal, so they were never trained: the density term had no weight "
+            "(coef 0) or the weights were not in the optimizer; build the optimizer after the DensityTracker "
+            "(or after deft_common.attach_layer_weights) so it holds model.parameters() including them"
+        )
+    ranked = sorted(w, key=lambda name: -w[name])
+    if budget is not None:
+        count = budget_to_count(budget, n)
+        chosen = set(ranked[:count])
+    else:
+        check_threshold(threshold)
+        chosen = {name for name, value in w.items() if value >= threshold}
+        if not chosen:
+            raise DeftConfigError(
+                f"no MLP block has an ADA-DEFT weight >= skip threshold {threshold:g} (largest: {max(w.values()):.3g} "
+                f"for {ranked[0]}); lower the threshold or give a budget"
+            )
+    return [name for name in weights.names if name in chosen]
+
+
+def budget_to_count(budget, blocks: int) -> int:
+    """How many of `blocks` MLP blocks a skip budget means (raises DeftConfigError for a bad budget)."""
+    check_budget(budget)
+    count = budget if isinstance(budget, int) else round(budget * blocks)
+    if count < 1:
+        raise DeftConfigError(f"skip budget {budget!r} of {blocks} MLP blocks rounds to 0 blocks; use a larger fraction or a number >= 1")
+    if count > blocks:
+        raise DeftConfigError(f"skip budget {budget!r} asks for {count} MLP blocks but the model has {blocks}")
+    return count
+
+
+def check_budget(budget) -> None:
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget != budget:
+        raise DeftConfigError(f"skip budget {budget!r} must be a number of MLP blocks (int >= 1) or a fraction in (0, 1)")
+    if isinstance(budget, int) and budget < 1:
+        raise DeftConfigError(f"skip budget {budget!r} must be at least 1 block (or a fraction in (0, 1))")
+    if isinstance(budget, float) and not 0.0 < budget < 1.0:
+        raise DeftConfigError(
+            f"skip budget {budget!r} must be a fraction in (0, 1) of the MLP blocks, or a whole number of blocks (e.g. 2)"
+        )
+
+
+def check_threshold(threshold) -> None:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
+        raise DeftConfigError(
+            f"skip threshold {threshold!r} must be a positive weight; the weights have mean 1 over the blocks, "
+            "so e.g. 1.5 skips blocks that got 1.5x the average density pressure"
+        )
+
+
+# ------------------------------------------------------------------------------------------------ skipping
+@dataclass
+class SkipReport:
+    blocks: list[str]  # the MLP blocks now skipped
+    freed_parameters: int  # parameters removed from the model
+    freed_bytes: int
+
+
+class SkippedMlp(nn.Module):
+    """Stands in for an MLP whose activations are all zero: returns its down-projection bias (or zeros)."""
+
+    def __init__(self, bias: torch.Tensor | None, name: str):
+        super().__init__()
+        self.skipped = name
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = hidden_states.new_zeros(hidden_states.shape)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def extra_repr(self) -> str:
+        return f"skipped MLP {self.skipped!r}"
+
+
+class SkippedIntermediate(nn.Module):
+    """BERT-style `intermediate` of a skipped MLP: hands its input on untouched (SkippedOutput ignores it)."""
+
+    def forward(self, hidden_states):
+        return hidden_states
+
+
+class SkippedOutput(nn.Module):
+    """BERT-style `output` of a skipped MLP: LayerNorm(residual + down-projection bias), what the block
+    computes when its activations are all zero."""
+
+    def __init__(self, bias: torch.Tensor | None, layer_norm: nn.Module, name: str):
+        super().__init__()
+        self.skipped = name
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.LayerNorm = layer_norm
+
+    def forward(self, hidden_states, input_tensor, *args, **kwargs):
+        return self.LayerNorm(input_tensor if self.bias is None else input_tensor + self.bias.to(input_tensor.dtype))
+
+    def extra_repr(self) -> str:
+        return f"skipped MLP {self.skipped!r}"
+
+
+def skip_mlp_blocks(model: nn.Module, names: list[str]) -> SkipReport:
+    """Replace the MLP blocks `names` of `model` (plain or PEFT-wrapped) by their zero-activation output (see the
+    module docstring) and drop their weights. For inference: remove any DensityTracker on the model first."""
+    base = base_model_of(model)
+    sites = {s.name: s for s in find_mlp_sites(model, DeftConfig(coef=0.0, capture="down_in"))}
+    if not names:
+        raise DeftConfigError("skip_mlp_blocks: no MLP block named; pass the names choose_blocks_to_skip returns")
+    for name in names:
+        if name not in sites:
+            raise DeftConfigError(
+                f"skip_mlp_blocks: {name!r} is not an MLP block of this model (already skipped?); its blocks are {list(sites)}"
+            )
+        hooked = [m for m in (sites[name].act, sites[name].down) if m is not None and (m._forward_hooks or m._forward_pre_hooks)]
+        if hooked:
+            raise DeftConfigError(
+                f"skip_mlp_blocks: {name} still has forward hooks (a DensityTracker?), which would keep its weights "
+                "alive; call tracker.remove() before skipping blocks"
+            )
+    freed_params = freed_bytes = 0
+    for name in names:
+        block = base.get_submodule(name)
+        old, new = _replace(base, name, block)
+        kept = {id(p) for m in new for p in m.parameters()}
+        for module in old:
+            for p in module.parameters():
+                if id(p) not in kept:
+                    freed_params += p.numel()
+                    freed_bytes += p.numel() * p.element_size()
+        for module in new:
+            for p in module.parameters():
+                if not any(p is q for m in old for q in m.parameters()):
+                    freed_params -= p.numel()
+                    freed_bytes -= p.numel() * p.element_size()
+    return SkipReport(list(names), freed_params, freed_bytes)
+
+
+def _bias_of(linear: nn.Module) -> torch.Tensor | None:
+    linear = getattr(linear, "base_layer", linear)  # under a LoRA wrapper (LoRA adds no bias)
+    bias = getattr(linear, "bias", None)
+    return bias if isinstance(bias, torch.Tensor) else None
+
+
+def _replace(base: nn.Module, name: str, block: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """Swap in the skipped form of `block`; returns (removed modules, new modules)."""
+    intermediate, output = getattr(block, "intermediate", None), getattr(block, "output", None)
+    if isinstance(intermediate, nn.Module) and isinstance(getattr(output, "dense", None), nn.Module):
+        layer_norm = getattr(output, "LayerNorm", None)
+        if not isinstance(layer_norm, nn.Module):
+            raise DeftConfigError(f"skip_mlp_blocks: {name}.output has no LayerNorm; skipping knows BERT-style post-LN layers only")
+        new_output = SkippedOutput(_bias_of(output.dense), layer_norm, name)
+        new_intermediate = SkippedIntermediate()
+        block.intermediate, block.output = new_intermediate, new_output
+        return [intermediate, output], [new_intermediate, new_output]
+    if any(("attn" in child or "attention" in child) for child, _ in block.named_children()):
+        raise DeftConfigError(
+            f"skip_mlp_blocks: the MLP of {name} is not a module of its own (its projections sit directly on the "
+            "transformer layer, e.g. OPT), so it cannot be swapped out; ADA-DEFT skipping supports Llama-style, "
+            "T5, GPT-2-style and BERT-style blocks"
+        )
+    parent_name, _, attr = name.rpartition(".")
+    parent = base.get_submodule(parent_name) if parent_name else base
+    down = next((getattr(block, a) for a in ("down_proj", "wo", "c_proj", "fc2", "dense_4h_to_h", "fc_out", "w2")
+                 if isinstance(getattr(block, a, None), nn.Module)), None)
+    new = SkippedMlp(_bias_of(down) if down is not None else None, name)
+    setattr(parent, attr, new)
+    return [block], [new]
+
+
+def apply_ada_deft(model: nn.Module, config: DeftConfig | None = None, budget: int | float | None = None,
+                   threshold: float | None = None) -> SkipReport:
+    """Choose the blocks to skip from the model's ADA-DEFT weights and skip them. The budget or threshold comes
+    from the arguments, else from config.skip_budget / config.skip_threshold."""
+    if budget is None and threshold is None and config is not None:
+        budget, threshold = config.skip_budget, config.skip_threshold
+    return skip_mlp_blocks(model, choose_blocks_to_skip(model, budget=budget, threshold=threshold))

