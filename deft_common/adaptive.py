@@ -64,7 +64,7 @@ _FORMAT = 1
 class AdaptiveLayerWeights(nn.Module):
     """The ADA-DEFT logits of the MLP blocks `names` (in the tracker's order). Call it for p = softmax(k·θ)."""
 
-    def __init__(self, names: list[str], logit_scale: float = 100.0, temperature: float = 0.1):
+    def __init__(self, names: list[str], logit_scale: float = 100.0, temperature: float = 0.3):
         super().__init__()
         self.names = list(names)
         self.logit_scale = float(logit_scale)

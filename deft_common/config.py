@@ -60,7 +60,7 @@ class DeftConfig:
     target_density: float | None = None
     controller_gain: float = 0.05
     adaptive: bool = False
-    adaptive_temperature: float = 0.1
+    adaptive_temperature: float = 0.3
     adaptive_logit_scale: float = 100.0
     skip_budget: int | float | None = None
     skip_threshold: float | None = None
@@ -98,7 +98,7 @@ class DeftConfig:
         if not isinstance(self.adaptive, bool):
             raise DeftConfigError(f"DeftConfig.adaptive={self.adaptive!r} must be true or false")
         _check_number("adaptive_temperature", self.adaptive_temperature, minimum=0.0, strict=True,
-                      fix="use a positive temperature such as 0.1 (smaller concentrates the pressure on fewer blocks)")
+                      fix="use a positive temperature such as 0.3 (smaller concentrates the pressure on fewer blocks)")
         _check_number("adaptive_logit_scale", self.adaptive_logit_scale, minimum=0.0, strict=True,
                       fix="use a positive factor such as 100 (logit step per optimizer step = factor x learning rate)")
         for name in ("skip_budget", "skip_threshold"):

@@ -60,9 +60,9 @@ class DensityTracker:
         self._masks: dict[str, torch.Tensor | None] = {}
         self._row_weights: dict[tuple, tuple[torch.Tensor, int]] = {}
         self._records: dict[str, _LayerRecord] = {}
-        self._handles = [self._hook(site) for site in self.sites]
         # ADA-DEFT: the learnable per-layer weights live on the model (see deft_common.adaptive).
         self.adaptive = attach_layer_weights(model, self.config, self.sites) if self.config.adaptive else None
+        self._handles = [self._hook(site) for site in self.sites]
 
     # ------------------------------------------------------------------ hooks
     def _hook(self, site: MlpSite):

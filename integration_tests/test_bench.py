@@ -41,7 +41,7 @@ def test_bench_end_to_end(bert_dir, tmp_path, capsys):  # noqa: F811
     results = json.loads((out / "bench.json").read_text())
     for key in ("time_ratio", "memory_ratio", "naive_time_ratio", "naive_memory_ratio"):
         assert math.isfinite(results[key]) and results[key] > 0, key
-    for key in ("ada_runtime_saving", "ada_memory_saving", "ada_accuracy_delta"):
+    for key in ("ada_runtime_saving", "ada_memory_saving", "ada_accuracy_delta", "ada_accuracy_delta_vs_peft"):
         assert math.isfinite(results[key]) and -1 < results[key] < 1, key
     for name in ("peft", "deft", "naive"):
         run = results["training"][name]
