@@ -2,15 +2,15 @@
 
 A chain of eager ops (a*a, +ε, /, *mask, mean) would make autograd keep several activation-sized copies per
 layer. The fused op keeps only the activation itself (which autograd holds anyway for the next matmul) and
-recomputes s'(a) in backward. Everything is computed in fp32 (a² underflows in bf16/fp16) in row chunks, so
-the temporary fp32 copy stays small. The same pass counts the active entries for the density metric.
+recomputes s'(a) in backward. Everything is computed in fp32 (a² underflows in bf16/fp16) in row chunks, with
+in-place ops, so at most two small fp32 temporaries exist at a time. The same pass counts the active entries for the density metric.
 """
 
 from __future__ import annotations
 
 import torch
 
-_CHUNK_ELEMENTS = 1 << 22  # fp32 temporaries of at most 16 MiB
+_CHUNK_ELEMENTS = 1 << 20  # fp32 temporaries of at most 4 MiB each, two at a time
 
 
 def _row_chunks(rows: int, width: int):
@@ -29,15 +29,14 @@ def surrogate_stats(
     ssum = torch.zeros((), dtype=torch.float32, device=a.device)
     active = torch.zeros(len(thresholds), dtype=torch.int64, device=a.device)
     for rows in _row_chunks(a.shape[0], a.shape[1]):
-        x = a[rows].float()
-        x2 = x * x
-        per_row = (x2 / (x2 + eps)).sum(dim=1)
+        x = a[rows]
         w = None if row_weight is None else row_weight[rows]
-        ssum += per_row.sum() if w is None else (per_row * w).sum()
-        magnitude = x.abs()  # not in place: for fp32 input `x` is `a` itself
+        x2 = x.float().square()
         for k, tau in enumerate(thresholds):
-            per_row_active = (magnitude > tau).sum(dim=1)
-            active[k] += per_row_active.sum() if w is None else (per_row_active * w.to(torch.int64)).sum()
+            per_row = torch.count_nonzero(x if tau == 0.0 else x.abs() > tau, dim=1)  # |a| > τ, on a itself
+            active[k] += per_row.sum() if w is None else (per_row * w.to(torch.int64)).sum()
+        per_row = x2.div_(x2 + eps).sum(dim=1)  # s(a) = a² / (a² + ε), in place in the a² buffer
+        ssum += per_row.sum() if w is None else (per_row * w).sum()
     return ssum, active
 
 
@@ -57,12 +56,15 @@ class _FusedDensitySurrogate(torch.autograd.Function):
         (a,) = ctx.saved_tensors
         eps, row_weight = ctx.eps, ctx.row_weight
         grad = torch.empty_like(a)
+        scale = 2.0 * eps * grad_sum.float()  # d/da of a²/(a²+ε) = 2εa / (a²+ε)²
         for rows in _row_chunks(a.shape[0], a.shape[1]):
             x = a[rows].float()
-            x2 = x * x
-            g = (2.0 * eps) * x / (x2 + eps).square_()  # d/da of a²/(a²+ε)
-            g *= grad_sum if row_weight is None else grad_sum * row_weight[rows, None]
-            grad[rows] = g
+            d = x.square().add_(eps)  # a² + ε
+            g = grad[rows] if grad.dtype == torch.float32 else None  # fp32: computed in place in the result
+            g = torch.div(x, d, out=g).div_(d)
+            g.mul_(scale if row_weight is None else row_weight[rows, None] * scale)
+            if grad.dtype != torch.float32:
+                grad[rows] = g
         return grad, None, None, None
 
 
