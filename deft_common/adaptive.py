@@ -70,6 +70,7 @@ class AdaptiveLayerWeights(nn.Module):
         self.logit_scale = float(logit_scale)
         self.temperature = float(temperature)
         self.logits = nn.Parameter(torch.zeros(len(self.names), dtype=torch.float32))
+        self._last_p: torch.Tensor | None = None  # p of the last loss(), for the logs
 
     def forward(self) -> torch.Tensor:
         return torch.softmax(self.logits.float() * self.logit_scale, dim=0)
@@ -77,8 +78,17 @@ class AdaptiveLayerWeights(nn.Module):
     def weights(self) -> dict[str, float]:
         """{block name: w_ℓ = L·p_ℓ} (mean 1): above 1, the block gets more density pressure than plain DEFT's."""
         with torch.no_grad():
-            p = self().cpu()
+            p = self().cpu()  # calling the module lets DeepSpeed ZeRO-3 gather the parameter, where it is hooked
+        _check_readable(self, "reading the ADA-DEFT weights", p.numel())
         return {name: float(v) * len(self.names) for name, v in zip(self.names, p)}
+
+    def log(self) -> dict[str, float]:
+        """{"deft/adaptive_weight/<block>": w_ℓ} as the last training forward used them, for the training logs:
+        no read of the parameter (so no DeepSpeed ZeRO-3 gather) and one device sync. Empty before any loss()."""
+        if self._last_p is None:
+            return {}
+        values = (self._last_p.float() * len(self.names)).cpu().tolist()
+        return {f"deft/adaptive_weight/{name}": value for name, value in zip(self.names, values)}
 
     def loss(self, layer_losses: dict[str, torch.Tensor]) -> torch.Tensor:
         """Σ_ℓ p_ℓ·D̂_ℓ + τ·KL(p ‖ uniform) over the blocks in `layer_losses` (p renormalised over them)."""
@@ -89,6 +99,7 @@ class AdaptiveLayerWeights(nn.Module):
                 "the weights belong to another layer selection (DeftConfig.layers/modules)"
             )
         p = self()
+        self._last_p = p.detach()
         index = [self.names.index(n) for n in layer_losses]
         if len(index) != len(self.names):
             p = p[index] / p[index].sum()
@@ -135,6 +146,7 @@ def save_layer_weights(model: nn.Module, directory) -> pathlib.Path:
     """Write the ADA-DEFT weights of `model` to DIRECTORY/deft_adaptive.json (e.g. beside a PEFT adapter saved
     there with save_pretrained, which keeps adapter weights only)."""
     weights = _require_weights(model, "save_layer_weights")
+    _check_readable(weights, "save_layer_weights")
     path = pathlib.Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     record = {
@@ -188,6 +200,19 @@ def _require_weights(model: nn.Module, caller: str) -> AdaptiveLayerWeights:
             "adds them), or load them with deft_common.load_layer_weights(model, ADAPTER_DIR)"
         )
     return weights
+
+
+def _check_readable(weights: AdaptiveLayerWeights, caller: str, values: int | None = None) -> None:
+    """DeepSpeed ZeRO-3 replaces a parameter's data by an empty placeholder between forwards: reading it then
+    would save or return nothing, so refuse with the way out."""
+    values = weights.logits.numel() if values is None else values
+    if values != len(weights.names):
+        raise DeftConfigError(
+            f"{caller}: the ADA-DEFT weights hold {values} values for {len(weights.names)} MLP blocks; "
+            "the parameter is partitioned (DeepSpeed ZeRO-3). Use deft_deepspeed.save_layer_weights(model, DIR) "
+            "(DeftLossHook.save_layer_weights), which gathers it, or read it inside "
+            "deepspeed.zero.GatheredParameters([deft_common.layer_weights(model).logits])"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ selection

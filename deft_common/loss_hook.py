@@ -147,10 +147,14 @@ class DensityLossHook:
         (coef × density loss, as added to the loss)}
         over the training forwards since the previous call (the micro-batches of the last optimizer step when called
         once per step) and over every process, plus the weight (`DensityWeight.log()`: deft/coef, and with
-        target_density the controller's keys) when it changes over training. Empty when nothing was recorded
+        target_density the controller's keys) when it changes over training, and with DeftConfig(adaptive=True)
+        the ADA-DEFT weights of the last forward (deft/adaptive_weight/<block>). Empty when nothing was recorded
         anywhere. A collective when torch.distributed is initialised: every process must call it."""
         metrics = self._sums.pop(_device_of(self.model))
-        return {**metrics, **self.weight.log()} if metrics else {}
+        if not metrics:
+            return {}
+        adaptive = self.tracker.adaptive.log() if self.tracker.adaptive is not None else {}
+        return {**metrics, **self.weight.log(), **adaptive}
 
     def density(self, threshold: float | None = None) -> dict[str, float]:
         """{MLP block name: density} of the last training forward on this process."""

@@ -1,7 +1,7 @@
 """DeepSpeed runs for test_deepspeed.py. Each command runs in its own process(es), so DeepSpeed's distributed state
 never leaks into pytest or between tests; results go to a torch.save file the test compares.
 
-    python deepspeed_worker.py engine OUT                  # raw engine loops, ZeRO 0-3, GA, errors (1 process)
+    python deepspeed_worker.py engine OUT                  # raw engine loops, ZeRO 0-3, GA, ADA-DEFT, errors (1 proc)
     python -m torch.distributed.run --nproc_per_node 2 deepspeed_worker.py engine_2proc OUT
     python deepspeed_worker.py trainer OUT --stages none,2,3  # HF Trainer (+ DeepSpeed) with deft_hf
 
@@ -116,6 +116,38 @@ def deepspeed_step(batch: dict, stage: int, micro: int, config: DeftConfig | Non
     return result
 
 
+def adaptive_steps(batch: dict, stage: int, directory: pathlib.Path) -> dict:
+    """ADA-DEFT through DeftLossHook: two optimizer steps, then hook.save_layer_weights(directory). Under ZeRO-3
+    every parameter is partitioned (persistence threshold 0; by default DeepSpeed keeps small ones whole)."""
+    import deepspeed
+
+    import deft_common
+    from deft_common import DeftConfigError, layer_weights
+    from deft_deepspeed import DeftLossHook
+
+    model = lora_model()
+    hook = DeftLossHook(model, DeftConfig(adaptive=True, eps=1e-3, threshold=0.02))  # before deepspeed.initialize
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config={
+        "train_micro_batch_size_per_gpu": ROWS, "zero_allow_untested_optimizer": True, "steps_per_print": 1_000_000,
+        "zero_optimization": {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {})}})
+    metrics = []
+    for _ in range(2):
+        engine.backward(engine(**batch).loss)
+        engine.step()
+        metrics.append(hook.last_metrics())
+    weights = layer_weights(model)
+    try:  # deft_common alone cannot read a partitioned parameter: it must say so, not save nothing
+        deft_common.save_layer_weights(model, directory / "core")
+        core_error = None
+    except DeftConfigError as error:
+        core_error = str(error)
+    saved = hook.save_layer_weights(directory)
+    hook.remove()
+    return {"metrics": metrics, "saved": str(saved), "names": weights.names, "core_save_error": core_error,
+            "partitioned": weights.logits.numel() == 0}
+
+
 def run_engine(path: pathlib.Path) -> None:
     import deepspeed
 
@@ -133,6 +165,8 @@ def run_engine(path: pathlib.Path) -> None:
     }
     for stage in (0, 1, 2, 3):
         results[f"stage{stage}"] = deepspeed_step(padded, stage, micro=ROWS)
+    for stage in (0, 3):
+        results[f"adaptive_stage{stage}"] = adaptive_steps(padded, stage, path.parent / f"adaptive_stage{stage}")
     for stage in (0, 3):
         results[f"full_stage{stage}_1x4"] = deepspeed_step(full, stage, micro=ROWS)
         results[f"full_stage{stage}_4x1"] = deepspeed_step(full, stage, micro=1)

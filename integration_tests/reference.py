@@ -6,10 +6,13 @@
 
 Helpers: lora_model (a LoRA-wrapped fixture model with non-zero adapters), disable_dropout (so that a framework
 run and the reference see the same activations), dataset_from_batch (a batch as a datasets.Dataset whose rows come
-back unchanged through transformers.default_data_collator).
+back unchanged through transformers.default_data_collator), assert_ada_deft_reloads (ADA-DEFT weights an adapter
+saved: loaded into a fresh model they skip the blocks they choose).
 """
 
 from __future__ import annotations
+
+import pathlib
 
 import torch
 from torch import nn
@@ -85,3 +88,27 @@ class GradCapture(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if self.grads is None:
             self.grads = trainable_grads(model)
+
+
+def assert_ada_deft_reloads(directory, fresh: nn.Module, trained_logits: torch.Tensor | None = None) -> list[str]:
+    """The ADA-DEFT weights a framework saved in `directory` were trained (not the uniform start: they were in the
+    optimizer and got gradient), equal `trained_logits` when given, and loaded into `fresh` (an untrained model of
+    the same architecture, plain or PEFT) choose one block that apply_ada_deft then skips. Returns that block."""
+    from deft_common import DeftConfig, apply_ada_deft, choose_blocks_to_skip, find_mlp_sites, load_layer_weights
+    from deft_common.adaptive import WEIGHTS_FILE
+
+    directory = pathlib.Path(directory)
+    assert (directory / WEIGHTS_FILE).is_file(), sorted(p.name for p in directory.iterdir())
+    loaded = load_layer_weights(fresh, directory)
+    logits = loaded.logits.detach().cpu()
+    assert logits.abs().max() > 0 and logits.max() > logits.min(), f"untrained ADA-DEFT weights: {logits}"
+    if trained_logits is not None:
+        assert torch.allclose(logits, trained_logits.detach().cpu().float())
+    chosen = choose_blocks_to_skip(fresh, budget=1)
+    blocks = [site.name for site in find_mlp_sites(fresh, DeftConfig(capture="down_in"))]
+    report = apply_ada_deft(fresh, DeftConfig(adaptive=True, skip_budget=1))
+    assert report.blocks == chosen and len(chosen) == 1 and report.freed_parameters > 0
+    assert [site.name for site in find_mlp_sites(fresh, DeftConfig(capture="down_in"))] == [
+        b for b in blocks if b not in chosen
+    ]
+    return chosen

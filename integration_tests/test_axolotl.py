@@ -27,7 +27,7 @@ import deft_common  # noqa: E402
 from deft_common import DeftConfig, DeftConfigError  # noqa: E402
 from fixtures import save_model_dir, write_alpaca_jsonl  # noqa: E402
 from processes import free_port  # noqa: E402
-from reference import assert_grads_close, reference_step, trainable_grads  # noqa: E402
+from reference import assert_ada_deft_reloads, assert_grads_close, reference_step, trainable_grads  # noqa: E402
 
 DEFT = "deft_axolotl.DeftPlugin"
 MARKER = "marker_plugin.MarkerPlugin"
@@ -142,6 +142,14 @@ def run_configs(work: pathlib.Path) -> dict[str, tuple[dict, bool]]:
         },
         # a typo in the block
         "typo": {**LORA, "plugins": [DEFT], "deft": {"cofe": 1.0}},
+        # ADA-DEFT: the layer weights train with LoRA and land in output_dir and the checkpoint
+        "adaptive": {
+            **LORA,
+            "plugins": [DEFT],
+            "deft": {"adaptive": True, "skip_budget": 1},
+            "save_strategy": "steps",
+            "save_steps": 3,
+        },
         # DeepSpeed ZeRO-2, gradient accumulation 2
         "deepspeed": {
             **LORA,
@@ -264,6 +272,23 @@ def test_deepspeed_zero2(runs):
     _assert_deft_logged(runs["deepspeed"])
 
 
+def test_adaptive_weights_train_are_logged_and_saved_in_output_dir(runs, work):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = runs["adaptive"]
+    logs = _assert_deft_logged(run)
+    keys = ["deft/adaptive_weight/model.layers.0.mlp", "deft/adaptive_weight/model.layers.1.mlp"]
+    assert [logs[0][k] for k in keys] == pytest.approx([1.0, 1.0])  # uniform at the first step
+    assert logs[-1][keys[0]] != pytest.approx(1.0), logs[-1]  # in the optimizer, with gradient
+    assert "ADA-DEFT layer weights saved to" in run.output
+    output_dir = pathlib.Path(run.config["output_dir"])
+    for folder in (output_dir, output_dir / "checkpoint-3"):
+        assert (folder / "adapter_model.safetensors").is_file()
+        fresh = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(work / "model"), folder)
+        assert_ada_deft_reloads(folder, fresh)
+
+
 # ------------------------------------------------------------------------------------------------ in-process
 def _load_cfg(work: pathlib.Path, name: str, **changes):
     """Axolotl's own config loading (what `axolotl train` does before training) of a DEFT LoRA config."""
@@ -287,6 +312,8 @@ def _load_cfg(work: pathlib.Path, name: str, **changes):
         ({"rl": "dpo"}, r"DEFT does not support preference / RL training"),
         ({"gradient_checkpointing": "offload"}, r"`gradient_checkpointing: offload`"),
         ({"lora_mlp_kernel": True}, r"set `lora_mlp_kernel: false`"),
+        ({"deft": {"skip_budget": 1}}, r"DeftConfig.skip_budget selects MLP blocks .* set adaptive=True too"),
+        ({"deft": {"adaptive": True, "skip_budget": 1.5}}, r"skip budget 1.5 must be a fraction in \(0, 1\)"),
     ],
 )
 def test_bad_config_is_rejected_with_a_clear_message(work, changes, message):
@@ -301,6 +328,9 @@ def test_config_block_reaches_the_trainer_settings(work):
     assert deft_config_from(cfg) == DeftConfig(coef=0.5, eps=1e-6, layers=[1], coef_warmup_steps=2)
     assert cfg.lora_mlp_kernel is False
     assert deft_config_from(_load_cfg(work, "off", deft={"enabled": False, "coef": 3.0})) is None
+    cfg = _load_cfg(work, "adaptive", deft={"adaptive": True, "skip_budget": 2, "adaptive_temperature": 0.2})
+    assert deft_config_from(cfg) == DeftConfig(adaptive=True, skip_budget=2, adaptive_temperature=0.2)
+    assert isinstance(deft_config_from(cfg).skip_budget, int)  # 2 blocks, not the fraction 2.0
     cfg = _load_cfg(work, "gc", gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
     assert cfg.gradient_checkpointing_kwargs == {"use_reentrant": False}
 

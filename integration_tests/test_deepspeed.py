@@ -145,6 +145,25 @@ def test_target_density_follows_engine_steps(engine):
         assert after["deft/density_error"] == pytest.approx(before["deft/density"] - 0.3)
 
 
+@pytest.mark.parametrize("stage", [0, 3])
+def test_ada_deft_weights_train_are_logged_and_saved(engine, stage):
+    from fixtures import make_model
+    from reference import assert_ada_deft_reloads
+
+    run = engine[f"adaptive_stage{stage}"]
+    keys = [f"deft/adaptive_weight/{name}" for name in run["names"]]
+    first, last = run["metrics"]
+    assert [first[k] for k in keys] == pytest.approx([1.0, 1.0])  # uniform in the first step's forward
+    assert last[keys[0]] != pytest.approx(1.0), last  # the engine's optimizer moved them after one step
+    assert sum(last[k] for k in keys) == pytest.approx(len(keys))
+    saved = pathlib.Path(run["saved"])
+    assert_ada_deft_reloads(saved.parent, make_model("llama"))
+    if stage == 3:  # ZeRO-3 partitions the weights: deft_common alone refuses, the hook gathers them
+        assert run["partitioned"] and "partitioned (DeepSpeed ZeRO-3)" in run["core_save_error"]
+    else:
+        assert run["core_save_error"] is None
+
+
 def test_model_without_loss_is_a_clear_error(engine):
     message = engine["no_loss_error"]
     assert message is not None, "a forward without labels passed silently"

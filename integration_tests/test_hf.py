@@ -12,7 +12,8 @@ import logging
 import pytest
 import torch
 from fixtures import make_batch, make_collator, make_model, make_train_dataset
-from reference import GradCapture, assert_grads_close, dataset_from_batch, disable_dropout, lora_model, reference_step
+from reference import (GradCapture, assert_ada_deft_reloads, assert_grads_close, dataset_from_batch, disable_dropout,
+                       lora_model, reference_step)
 from transformers import (
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
@@ -22,7 +23,7 @@ from transformers import (
     default_data_collator,
 )
 
-from deft_common import DeftConfig
+from deft_common import DeftConfig, DeftConfigError, attach_layer_weights, layer_weights
 from deft_hf import DeftCallback, DeftCallbackError, DeftTrainerMixin
 
 KINDS = ["callback", "mixin"]
@@ -171,6 +172,52 @@ def test_target_density_above_the_density_keeps_the_weight_at_zero(kind, tmp_pat
     logs = train_logs(trainer)
     assert [h["deft/coef"] for h in logs] == [0.0, 0.0]  # never negative: DEFT does not push density up
     assert all(h["deft/density_error"] < 0 for h in logs[1:])
+
+
+# ----------------------------------------------------------------------------------------- ADA-DEFT
+@pytest.mark.parametrize("kind", KINDS)
+def test_ada_deft_weights_train_are_logged_and_saved_with_every_checkpoint(kind, tmp_path):
+    from peft import PeftModel
+
+    model = lora_model(make_model("llama"))
+    trainer = build_trainer(kind, model, dataset_from_batch(make_batch("llama", batch_size=4, seq_len=8)),
+                            DeftConfig(adaptive=True), tmp_path, optim="adamw_torch", learning_rate=1e-3, max_steps=2,
+                            save_strategy="steps", save_steps=2)
+    trainer.train()
+    weights = layer_weights(model)
+    assert weights.logits.requires_grad  # PEFT froze the base model before DEFT attached them, not after
+    assert any(p is weights.logits for group in trainer.optimizer.param_groups for p in group["params"])
+    logs = train_logs(trainer)
+    keys = [f"deft/adaptive_weight/{name}" for name in weights.names]
+    assert [entry[keys[0]] for entry in logs][0] == pytest.approx(1.0)  # uniform at the first step
+    assert logs[-1][keys[0]] != pytest.approx(1.0) and sum(logs[-1][k] for k in keys) == pytest.approx(len(keys))
+
+    trainer.save_model(str(tmp_path / "final"))
+    for folder in (tmp_path / "out" / "checkpoint-2", tmp_path / "final"):
+        assert (folder / "adapter_model.safetensors").is_file()
+        fresh = PeftModel.from_pretrained(make_model("llama"), folder)
+        assert_ada_deft_reloads(folder, fresh, trained_logits=weights.logits)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ada_deft_refuses_an_optimizer_built_without_the_weights(kind, tmp_path):
+    def trainer_with_own_optimizer(model):
+        args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=1, save_strategy="no")
+        common = dict(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator,
+                      optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
+        if kind == "mixin":
+            cls = type("DeftTrainer", (DeftTrainerMixin, Trainer), {})
+            return cls(**common, deft_config=DeftConfig(adaptive=True))
+        return Trainer(**common, callbacks=[DeftCallback(DeftConfig(adaptive=True))])
+
+    model, dataset = _llama_setup()
+    with pytest.raises(DeftConfigError, match="optimizer does not hold the ADA-DEFT layer weights"):
+        trainer_with_own_optimizer(model).train()  # built before DEFT attached them: they would never train
+
+    model, dataset = _llama_setup()
+    attach_layer_weights(model, DeftConfig(adaptive=True))  # the documented fix
+    trainer_with_own_optimizer(model).train()
+    assert layer_weights(model).logits.detach().abs().max() > 0
 
 
 # ----------------------------------------------------------------------------------------- metrics

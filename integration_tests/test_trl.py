@@ -9,14 +9,15 @@ import pytest
 import torch
 from fixtures import make_batch, make_model, make_tokenizer
 from packaging.version import Version
-from reference import GradCapture, assert_grads_close, disable_dropout, lora_model, reference_step
+from reference import (GradCapture, assert_ada_deft_reloads, assert_grads_close, disable_dropout, lora_model,
+                       reference_step)
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
-from deft_common import DeftConfig  # noqa: E402
+from deft_common import DeftConfig, layer_weights  # noqa: E402
 from deft_hf import DeftCallback, DeftCallbackError  # noqa: E402
 from deft_trl import DeftSFTMixin  # noqa: E402
 
@@ -125,6 +126,25 @@ def test_sft_mixin_target_density_steers_the_weight(tmp_path):
     for before, after in zip(logs, logs[1:]):
         assert after["deft/coef"] == pytest.approx(before["deft/coef"] + gain * (before["deft/density"] - target))
         assert after["deft/coef"] > before["deft/coef"] and after["deft/loss"] > 0.0
+
+
+def test_sft_mixin_ada_deft_with_trl_peft_config_trains_logs_and_saves_the_weights(tmp_path):
+    # peft_config: SFTTrainer wraps the model in PEFT inside its __init__; the weights come after, so stay trainable.
+    from peft import LoraConfig, PeftModel
+
+    batch = make_batch("llama", batch_size=4, seq_len=8)
+    trainer = sft_trainer(make_model("llama"), sft_dataset(batch), tmp_path, DeftConfig(adaptive=True), max_steps=2,
+                          optim="adamw_torch", learning_rate=1e-3, save_strategy="steps", save_steps=2,
+                          trainer_kwargs={"peft_config": LoraConfig(r=4, target_modules=["q_proj", "v_proj"])})
+    trainer.train()
+    weights = layer_weights(trainer.model)
+    assert isinstance(trainer.model, PeftModel) and weights.logits.requires_grad
+    assert any(p is weights.logits for group in trainer.optimizer.param_groups for p in group["params"])
+    assert all(f"deft/adaptive_weight/{name}" in entry for entry in train_logs(trainer) for name in weights.names)
+    trainer.save_model()
+    for folder in (tmp_path / "out" / "checkpoint-2", tmp_path / "out"):
+        fresh = PeftModel.from_pretrained(make_model("llama"), folder)
+        assert_ada_deft_reloads(folder, fresh, trained_logits=weights.logits)
 
 
 @pytest.mark.skipif(not TRL_OWN_LOSS, reason="TRL < 1.15 SFTTrainer optimises the model's outputs.loss")

@@ -15,7 +15,9 @@ What each hook does:
   deft/density and deft/loss.
 - post_trainer_create: checks that the trainer really is a DEFT trainer (another plugin listed earlier may have
   chosen the trainer class).
-- post_train: logs the final density and removes the hooks (Axolotl 0.19 calls it twice; the second call is a no-op).
+- post_train: logs the final density, with `adaptive: true` writes the ADA-DEFT layer weights into output_dir
+  (deft_adaptive.json, beside the adapter Axolotl saves there next), and removes the hooks (Axolotl 0.19 calls it
+  twice; the second call is a no-op). Checkpoints get the weights from the trainer's save_model (deft_hf mixin).
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from axolotl.integrations.base import BasePlugin, PluginManager
 from axolotl.utils.logging import get_logger
 
 from deft_common import DeftConfig, DeftConfigError
+from deft_common.adaptive import WEIGHTS_FILE
 
 from .args import DeftBlock
-from .trainer import deft_trainer_class, is_deft_trainer
+from .trainer import deft_trainer_class, is_deft_trainer, save_layer_weights_with_model
 
 # Axolotl's console shows INFO only from loggers under "axolotl."; this name puts DEFT's messages with its own.
 LOG = get_logger("axolotl.integrations.deft")
@@ -134,6 +137,10 @@ class DeftPlugin(BasePlugin):
         densities = [entry["deft/density"] for entry in trainer.state.log_history if "deft/density" in entry]
         if densities:
             LOG.info(f"DEFT: MLP activation density {densities[0]:.4f} (first log) -> {densities[-1]:.4f} (last log)")
+        if trainer.deft_config.adaptive:
+            # Axolotl saves the final model with model.save_pretrained (no trainer.save_model) on most setups.
+            save_layer_weights_with_model(trainer, cfg.output_dir)
+            LOG.info(f"DEFT: ADA-DEFT layer weights saved to {cfg.output_dir}/{WEIGHTS_FILE}")
         trainer.deft_tracker.remove()  # the trained model goes back to its callers without DEFT's hooks
 
 

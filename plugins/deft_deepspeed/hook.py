@@ -11,18 +11,25 @@ exactly like the task loss, under every ZeRO stage. This module adds what DeepSp
 - deepspeed < 0.19.8 scales the gradient of every output tensor by 1/GAS a second time on top of the loss
   (the task loss reaches the weights through `logits` and is divided by GAS twice, the density term once).
   That is wrong with or without DEFT, so with gradient_accumulation_steps > 1 and the default
-  `engine.backward(loss)` the hook raises instead of training with a silently reweighted loss.
+  `engine.backward(loss)` the hook raises instead of training with a silently reweighted loss;
+- ADA-DEFT (DeftConfig(adaptive=True)): the hook attaches the per-layer weights to the model, so built before
+  `deepspeed.initialize` they are among `model.parameters()` that the engine's optimizer trains (also partitioned
+  under ZeRO-3); `hook.save_layer_weights(DIR)` (or `save_layer_weights(model, DIR)`) writes them beside the saved
+  adapter, gathering them under ZeRO-3.
 """
 
 from __future__ import annotations
 
+import contextlib
+import pathlib
 import sys
 import weakref
 
 import torch
 from torch import nn
 
-from deft_common import DeftConfig, DeftConfigError
+import deft_common
+from deft_common import DeftConfig, DeftConfigError, layer_weights
 from deft_common.loss_hook import DensityLossHook
 
 # deepspeed 0.19.8 (PR #8245) divides the whole loss by GAS once and keeps the output hooks from scaling again.
@@ -43,8 +50,9 @@ class DeftLossHook(DensityLossHook):
                                           # (+ deft/coef and the controller's keys with target_density)
 
     hook.tracker is the DensityTracker, hook.density() the last forward's {MLP block: density},
-    hook.remove() takes every hook off. Under the HF Trainer use deft_hf instead: the Trainer rescales the
-    loss (num_items_in_batch) in ways only its own integration accounts for.
+    hook.save_layer_weights(DIR) the ADA-DEFT weights (adaptive=True), hook.remove() takes every hook off.
+    Under the HF Trainer use deft_hf instead: the Trainer rescales the loss (num_items_in_batch) in ways only its own
+    integration accounts for.
     """
 
     def __init__(self, model: nn.Module, config: DeftConfig | None = None):
@@ -73,10 +81,40 @@ class DeftLossHook(DensityLossHook):
             )
         super()._start(module, args, kwargs)
 
+    def save_layer_weights(self, directory) -> pathlib.Path | None:
+        """ADA-DEFT: write the model's layer weights to DIRECTORY/deft_adaptive.json (see save_layer_weights)."""
+        return save_layer_weights(self.model, directory)
+
     def _adding(self, added: torch.Tensor) -> None:
         engine = self._engine_ref() if self._engine_ref is not None else None
         if engine is not None and added.requires_grad and _scales_outputs_twice(engine):
             added.register_hook(_refuse_double_scaling(engine))
+
+
+def save_layer_weights(model: nn.Module, directory, write: bool | None = None) -> pathlib.Path | None:
+    """deft_common.save_layer_weights for a model a DeepSpeed engine trains: under ZeRO-3 the weights are partitioned,
+    so they are gathered first, a collective that every rank must call. `write`: whether this process writes the
+    file (default: rank 0 only when torch.distributed is initialised). Returns the path written, or None."""
+    weights = layer_weights(model)
+    if weights is None:
+        raise DeftConfigError(
+            "save_layer_weights: the model has no ADA-DEFT weights; build "
+            "DeftLossHook(model, DeftConfig(adaptive=True)) before deepspeed.initialize"
+        )
+    if write is None:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        write = not distributed or torch.distributed.get_rank() == 0
+    with gathered(weights.logits):
+        return deft_common.save_layer_weights(model, directory) if write else None
+
+
+def gathered(param: torch.Tensor):
+    """A context in which a ZeRO-3 partitioned `param` holds its full data (a no-op for any other tensor)."""
+    if not hasattr(param, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([param])
 
 
 def _calling_engine():

@@ -10,6 +10,10 @@ gradient-accumulation and multi-process scaling the Trainer applies afterwards (
 DEFT metrics into the logs (metrics.py) and moves itself first among the callbacks, so that state.log_history,
 TensorBoard and W&B all get them.
 
+ADA-DEFT (DeftConfig(adaptive=True)): the hook attaches the per-layer weights to the model at on_init_end, before
+the Trainer builds its optimizer in `train()`; the callback makes `trainer.save_model` (which also writes every
+checkpoint) write them beside the saved model as deft_adaptive.json, and logs deft/adaptive_weight/<layer>.
+
 It only works where the Trainer optimises the model's own `outputs.loss`. It refuses, with DeftCallbackError, label
 smoothing, `compute_loss_func`, TRL >= 1.15 `SFTTrainer` (it computes the loss itself), and, at the end of every
 optimizer step, any trainer whose backward never reached the added term. Those need `DeftTrainerMixin`.
@@ -17,6 +21,7 @@ optimizer step, any trainer whose backward never reached the added term. Those n
 
 from __future__ import annotations
 
+import functools
 import sys
 from importlib.metadata import version
 
@@ -29,7 +34,8 @@ from deft_common import DeftConfig, DeftConfigError, DensityLossHook, DensityTra
 
 from .metrics import DeftMetrics
 from .mixin import DeftTrainerMixin
-from .trainer_support import density_term_scale, disable_ignored_loss_kwargs, ensure_non_reentrant_checkpointing
+from .trainer_support import (check_layer_weights_in_optimizer, density_term_scale, disable_ignored_loss_kwargs,
+                              ensure_non_reentrant_checkpointing, save_layer_weights_with_model)
 
 
 class DeftCallbackError(RuntimeError):
@@ -77,6 +83,7 @@ class DeftCallback(TrainerCallback):
         _refuse_loss_outside_model(self.trainer)
         disable_ignored_loss_kwargs(self.trainer)
         ensure_non_reentrant_checkpointing(model)
+        check_layer_weights_in_optimizer(self.trainer)  # the Trainer built its optimizer just before this event
         self._terms_in_flight = 0
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -129,6 +136,8 @@ class DeftCallback(TrainerCallback):
         if callbacks[0] is not self:
             callbacks.remove(self)
             callbacks.insert(0, self)
+        if self.config.adaptive and not hasattr(trainer.save_model, "deft_saves_layer_weights"):
+            trainer.save_model = _saving_layer_weights(trainer)
 
     def _reached_backward(self, grad):
         self._terms_in_flight -= 1
@@ -172,6 +181,21 @@ class _TrainerLossHook(DensityLossHook):
             "computes the loss outside the model (labels removed for compute_loss_func or label smoothing, or a "
             f"custom compute_loss), so DeftCallback cannot add the density term to it. {USE_THE_MIXIN}"
         )
+
+
+def _saving_layer_weights(trainer):
+    """`trainer.save_model` that also writes the ADA-DEFT weights into the same folder. No callback event follows
+    `save_model` (a user's final save), so the bound method is wrapped on this trainer instance; the Trainer's own
+    checkpoints call `self.save_model` and get the weights too."""
+    save_model = trainer.save_model
+
+    @functools.wraps(save_model)
+    def save_model_and_layer_weights(output_dir=None, _internal_call=False):
+        save_model(output_dir, _internal_call=_internal_call)
+        save_layer_weights_with_model(trainer, output_dir if output_dir is not None else trainer.args.output_dir)
+
+    save_model_and_layer_weights.deft_saves_layer_weights = True
+    return save_model_and_layer_weights
 
 
 def _calling_trainer() -> transformers.Trainer | None:

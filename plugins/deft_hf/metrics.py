@@ -11,6 +11,8 @@ process runs its forward passes in lockstep, so the collective is safe there; `l
     deft/coef                 the density weight of the last training step, when it changes over training
                               (coef_warmup_steps > 0, or target_density: then also the controller's
                               deft/target_density and deft/density_error), from deft_common.DensityWeight.log()
+    deft/adaptive_weight/<layer>  with DeftConfig(adaptive=True): the ADA-DEFT weight of the MLP block (mean 1) as
+                              the last training forward used it
 
 Evaluation logs carry the same keys behind their prefix: `eval_deft/density`, `eval_deft/density/<layer>`.
 """
@@ -32,6 +34,7 @@ class _Window:
         self.counts: torch.Tensor | None = None  # float64 (layers, 2): active, real entries
         self.term_sum = 0.0
         self.term_count = 0.0
+        self.adaptive = None  # the ADA-DEFT weights module of the tracker, when it has one
 
     def empty(self) -> bool:
         return self.counts is None
@@ -61,6 +64,7 @@ class DeftMetrics:
         window.counts += totals[:-2].cpu().view(-1, 2)
         window.term_sum += float(totals[-2])
         window.term_count += float(totals[-1])
+        window.adaptive = tracker.adaptive
 
     def clear(self, mode: str) -> None:
         self._windows[mode] = _Window()
@@ -79,6 +83,8 @@ class DeftMetrics:
             out[f"{prefix}deft/loss"] = window.term_sum / window.term_count
         if mode == "train" and self.weight is not None:
             out.update(self.weight.log())
+        if mode == "train" and window.adaptive is not None:
+            out.update(window.adaptive.log())
         out.update({f"{prefix}deft/density/{name}": value for name, value in per_layer.items()})
         return out
 

@@ -15,6 +15,11 @@ density of that step (deft_common.DensityWeight). Evaluation forwards only measu
 deft/density, deft/loss, deft/density/<layer>, eval_deft/... and, when the weight changes over training,
 deft/coef (see metrics.py).
 
+ADA-DEFT (DeftConfig(adaptive=True)): the per-layer weights are attached to the model at construction, before the
+Trainer builds its optimizer in `train()`, so they train with the model; `save_model` (also each checkpoint) writes
+them beside the saved model as deft_adaptive.json (deft_common.load_layer_weights reads them back), and the logs
+get deft/adaptive_weight/<layer>.
+
 Evaluation density is measured inside `compute_loss`, i.e. for evaluation batches with labels. Seq2SeqTrainer with
 `predict_with_generate=True` computes its evaluation loss outside `compute_loss`, so there the mixin logs no
 eval_deft/... keys (DeftCallback does).
@@ -33,7 +38,8 @@ import torch
 from deft_common import DeftConfig, DeftConfigError, DensityTracker, DensityWeight
 
 from .metrics import DeftMetrics
-from .trainer_support import density_term_scale, disable_ignored_loss_kwargs, ensure_non_reentrant_checkpointing
+from .trainer_support import (check_layer_weights_in_optimizer, density_term_scale, disable_ignored_loss_kwargs,
+                              ensure_non_reentrant_checkpointing, save_layer_weights_with_model)
 
 
 class DeftTrainerMixin:
@@ -56,6 +62,7 @@ class DeftTrainerMixin:
         self.deft_weight = DensityWeight(config, len(self.deft_tracker.sites), self.args.device)
         self.deft_metrics = DeftMetrics(self.deft_weight)
         disable_ignored_loss_kwargs(self)
+        self._deft_checked_optimizer = None  # the optimizer check_layer_weights_in_optimizer last passed
 
     def _deft_current_tracker(self) -> DensityTracker:
         if self.deft_tracker.model is not self.model:  # the Trainer swapped its model (model_init, FSDP wrapping)
@@ -68,6 +75,9 @@ class DeftTrainerMixin:
         training = model.training and torch.is_grad_enabled()
         if training:
             ensure_non_reentrant_checkpointing(self.model)
+            if self.optimizer is not self._deft_checked_optimizer:
+                check_layer_weights_in_optimizer(self)
+                self._deft_checked_optimizer = self.optimizer
         masks = tracker.masks_for(inputs)  # before super(): Trainer pops the labels for label smoothing
         with tracker.record(**masks):
             result = super().compute_loss(
@@ -82,6 +92,10 @@ class DeftTrainerMixin:
         loss = loss + term * density_term_scale(self, num_items_in_batch, inside_model_loss=False)
         self.deft_metrics.add("train", tracker, term, device=self.args.device)
         return (loss, outputs) if return_outputs else loss
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        super().save_model(output_dir, _internal_call=_internal_call)  # checkpoints come through here too
+        save_layer_weights_with_model(self, output_dir if output_dir is not None else self.args.output_dir)
 
     def evaluation_loop(self, *args, **kwargs):
         self.deft_metrics.clear("eval")  # a new evaluation: forget forwards of earlier predict() calls

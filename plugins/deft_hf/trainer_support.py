@@ -15,7 +15,8 @@ import logging
 import transformers
 from torch import nn
 
-from deft_common import base_model_of, make_checkpointing_non_reentrant
+from deft_common import (DeftConfigError, base_model_of, layer_weights, make_checkpointing_non_reentrant,
+                         save_layer_weights)
 
 logger = logging.getLogger("deft_hf")
 
@@ -126,3 +127,40 @@ def ensure_non_reentrant_checkpointing(model: nn.Module) -> None:
             "{'use_reentrant': False} to silence this.",
             changed,
         )
+
+
+# ------------------------------------------------------------------------------------------------ ADA-DEFT
+def check_layer_weights_in_optimizer(trainer) -> None:
+    """ADA-DEFT's layer weights must be in the optimizer, or they never train and choose nothing. The Trainer builds
+    its optimizer in `train()` from the trainable `model.parameters()`, after DEFT attached them (at init); this
+    catches an optimizer made earlier (`optimizers=(opt, sched)`) or a model swapped in later (`model_init`).
+    DeepSpeed and FSDP build theirs from the model's parameters in their own form, so they are not checked here."""
+    weights = layer_weights(trainer.model)
+    optimizer = trainer.optimizer
+    if weights is None or optimizer is None or trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        return
+    if not weights.logits.requires_grad:
+        raise DeftConfigError(
+            "the ADA-DEFT layer weights are frozen (requires_grad=False), so they would never train; "
+            "call deft_common.layer_weights(model).requires_grad_(True) before training"
+        )
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if id(weights.logits) not in held:
+        raise DeftConfigError(
+            "the optimizer does not hold the ADA-DEFT layer weights, so they would never train: it was built before "
+            "DEFT attached them. Let the Trainer build the optimizer (no `optimizers=`), or call "
+            "deft_common.attach_layer_weights(model, DeftConfig(adaptive=True, ...)) before building it yourself"
+        )
+
+
+def save_layer_weights_with_model(trainer, output_dir) -> None:
+    """ADA-DEFT: write the layer weights beside what `trainer.save_model(output_dir)` saved (a PEFT adapter keeps
+    adapter weights only). Every process calls it: under DeepSpeed ZeRO-3 the weights are gathered first."""
+    if layer_weights(trainer.model) is None:
+        return
+    if trainer.is_deepspeed_enabled:
+        from deft_deepspeed import save_layer_weights as save_gathered
+
+        save_gathered(trainer.model, output_dir, write=trainer.args.should_save)
+    elif trainer.args.should_save:
+        save_layer_weights(trainer.model, output_dir)
