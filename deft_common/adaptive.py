@@ -134,7 +134,11 @@ def attach_layer_weights(model: nn.Module, config: DeftConfig, sites: list[MlpSi
                 f"selects {names}; use the same DeftConfig.layers/modules as when they were made"
             )
         return existing
-    weights = AdaptiveLayerWeights(names, config.adaptive_logit_scale, config.adaptive_temperature)
+    return _put_on(model, AdaptiveLayerWeights(names, config.adaptive_logit_scale, config.adaptive_temperature))
+
+
+def _put_on(model: nn.Module, weights: AdaptiveLayerWeights) -> AdaptiveLayerWeights:
+    """Register `weights` on the base model (replacing any there), on the model's device."""
     param = next(model.parameters(), None)
     if param is not None and param.device.type != "meta":
         weights.to(param.device)
@@ -185,11 +189,7 @@ def load_layer_weights(model: nn.Module, directory) -> AdaptiveLayerWeights:
     weights = AdaptiveLayerWeights(names, scale, temperature)
     with torch.no_grad():
         weights.logits.copy_(torch.tensor(logits))
-    param = next(model.parameters(), None)
-    if param is not None:
-        weights.to(param.device)
-    base_model_of(model).add_module(ATTRIBUTE, weights)  # replaces an existing one
-    return weights
+    return _put_on(model, weights)
 
 
 def _require_weights(model: nn.Module, caller: str) -> AdaptiveLayerWeights:

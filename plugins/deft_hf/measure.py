@@ -76,11 +76,6 @@ def median(values) -> float:
     return float(statistics.median(values))
 
 
-def relative_saving(before: float, after: float) -> float:
-    """(before - after) / before: 0.2 = 20% less."""
-    return (before - after) / before if before else 0.0
-
-
 @torch.inference_mode()
 def compare_inference(models: dict, batches: list[dict], device, rounds: int = 5) -> dict:
     """Forward-only runtime and memory of each model on the same `batches` (labels dropped). The models take
