@@ -1,77 +1,132 @@
-"""The density loss kernel: s(a) = a² / (a² + ε), summed over real token rows, in one fused autograd op.
+"""The density loss kernel: s(a) = a² / (a² + ε), summed over real token rows, in one autograd op that sits on
+the activation's own path.
 
-A chain of eager ops (a*a, +ε, /, *mask, mean) would make autograd keep several activation-sized copies per
-layer. The fused op keeps only the activation itself (which autograd holds anyway for the next matmul) and
-recomputes s'(a) in backward. Everything is computed in fp32 (a² underflows in bf16/fp16) in row chunks, with
-in-place ops, so at most two small fp32 temporaries exist at a time. The same pass counts the active entries for the density metric.
+`density_tap(a, ...)` returns `a` unchanged (a view) together with Σ s(a) and the active-entry counts. The hook
+puts that view in place of the activation, so the op's backward receives the gradient flowing into `a` from the
+model and returns it with the surrogate's gradient added in one pass. A side branch (or an eager chain
+a*a, +ε, /, mean) would instead make autograd allocate a second activation-sized gradient and add the two.
+
+The op saves only `a`, which autograd keeps anyway for the next matmul, and recomputes s'(a) in backward. Everything
+is computed in fp32 (a² underflows in bf16/fp16), in row chunks, into one reused chunk buffer. Padding rows are
+handled apart (they are few): their share is subtracted from the sums, and their gradient is left untouched.
 """
 
 from __future__ import annotations
 
 import torch
 
-_CHUNK_ELEMENTS = 1 << 20  # fp32 temporaries of at most 4 MiB each, two at a time
+
+def _chunk_elements(device: torch.device) -> int:
+    # CPU: 4 MiB fp32 buffers stay in cache and add nothing noticeable to peak memory. GPU: bigger chunks, since
+    # each op is one kernel launch and the activations are large.
+    return 1 << 20 if device.type == "cpu" else 1 << 24
 
 
-def _row_chunks(rows: int, width: int):
-    step = max(1, _CHUNK_ELEMENTS // max(1, width))
+def _row_chunks(rows: int, width: int, device: torch.device):
+    step = max(1, _chunk_elements(device) // max(1, width))
     for start in range(0, rows, step):
         yield slice(start, min(rows, start + step))
 
 
+def _chunk_stats(x: torch.Tensor, buf: torch.Tensor, eps: float, thresholds: tuple[float, ...]):
+    """(Σ s(x) as an fp32 scalar, entries with |x| > τ for each τ) of a 2-D chunk; `buf` is fp32 scratch of x's shape."""
+    xf = x.float()
+    torch.addcmul(buf.new_full((), eps), xf, xf, out=buf)  # a² + ε (never below ε: no denormals)
+    torch.div(xf, buf, out=buf).mul_(xf)  # a · a/(a² + ε) = s(a)
+    counts = [torch.count_nonzero(x if tau == 0.0 else x.abs() > tau) for tau in thresholds]
+    return buf.sum(), torch.stack(counts)
+
+
 @torch.no_grad()
 def surrogate_stats(
-    a: torch.Tensor, row_weight: torch.Tensor | None, eps: float, thresholds: tuple[float, ...]
+    a: torch.Tensor, pad_rows: torch.Tensor | None, eps: float, thresholds: tuple[float, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """For a 2-D activation `a` (rows, hidden): Σ over real rows of Σ_j s(a_ij) (fp32 scalar), and for each
-    threshold τ the number of entries with |a| > τ in real rows (int64 vector). `row_weight` is 1 for real
-    rows, 0 for padding (None = all rows real)."""
+    """For an activation `a` (..., hidden) seen as rows of `hidden` entries: Σ over real rows of Σ_j s(a_ij)
+    (fp32 scalar), and for each threshold τ the number of entries with |a| > τ in real rows (int64 vector).
+    `pad_rows` holds the indices of the padding rows (None = every row is real)."""
+    a = a.reshape(-1, a.shape[-1])
     ssum = torch.zeros((), dtype=torch.float32, device=a.device)
     active = torch.zeros(len(thresholds), dtype=torch.int64, device=a.device)
-    for rows in _row_chunks(a.shape[0], a.shape[1]):
+    buf = None
+    for rows in _row_chunks(a.shape[0], a.shape[1], a.device):
         x = a[rows]
-        w = None if row_weight is None else row_weight[rows]
-        x2 = x.float().square()
-        for k, tau in enumerate(thresholds):
-            per_row = torch.count_nonzero(x if tau == 0.0 else x.abs() > tau, dim=1)  # |a| > τ, on a itself
-            active[k] += per_row.sum() if w is None else (per_row * w.to(torch.int64)).sum()
-        per_row = x2.div_(x2 + eps).sum(dim=1)  # s(a) = a² / (a² + ε), in place in the a² buffer
-        ssum += per_row.sum() if w is None else (per_row * w).sum()
+        buf = torch.empty(x.shape, dtype=torch.float32, device=a.device) if buf is None else buf[: x.shape[0]]
+        chunk_sum, chunk_active = _chunk_stats(x, buf, eps, thresholds)
+        ssum += chunk_sum
+        active += chunk_active
+    if pad_rows is not None:
+        x = a[pad_rows]
+        pad_sum, pad_active = _chunk_stats(x, torch.empty(x.shape, dtype=torch.float32, device=a.device), eps, thresholds)
+        ssum -= pad_sum
+        active -= pad_active
     return ssum, active
 
 
-class _FusedDensitySurrogate(torch.autograd.Function):
+def add_surrogate_grad(
+    grad: torch.Tensor, a: torch.Tensor, scale: torch.Tensor, pad_rows: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """grad + scale · s'(a) on the real rows (padding rows keep `grad`), s'(a) = 2εa / (a² + ε)², written as
+    (2/ε) · a / (1 + a²/ε)² so that no intermediate is denormal even for tiny ε. Written into `grad` itself when
+    nothing else holds it (see `_owned`), else into a new tensor."""
+    in_place = _owned(grad)  # before any view of it exists
+    shape = grad.shape
+    a, grad = a.reshape(-1, a.shape[-1]), grad.reshape(-1, a.shape[-1])
+    out = grad if in_place else torch.empty_like(grad)
+    kept = grad[pad_rows] if pad_rows is not None else None  # a copy (advanced indexing)
+    # Divide the denominator by the scale (a tensor: no host sync on GPU); scale 0 gives +inf, i.e. no change.
+    inv_scale = (eps / 2.0) / scale.float()
+    one = torch.ones((), dtype=torch.float32, device=a.device)
+    buf = None
+    for rows in _row_chunks(a.shape[0], a.shape[1], a.device):
+        x = a[rows].float()
+        buf = torch.empty(x.shape, dtype=torch.float32, device=a.device) if buf is None else buf[: x.shape[0]]
+        torch.addcmul(one, x, x, value=1.0 / eps, out=buf).square_().mul_(inv_scale)  # (1 + a²/ε)² · ε / (2·scale)
+        torch.addcdiv(grad[rows], x, buf, out=out[rows])
+    if kept is not None:
+        out[pad_rows] = kept
+    return out.reshape(shape)
+
+
+def _owned(grad: torch.Tensor) -> bool:
+    """Whether the incoming gradient may be updated in place: on CPU a new activation-sized tensor costs fresh
+    pages (about as much as the whole surrogate), so we reuse the gradient when this backward holds the only
+    reference to it and to its memory. Autograd hands the same tensor to several branches when an op passes its
+    gradient through (e.g. an addition); then the count is higher and a new tensor is made."""
+    if not (grad.is_contiguous() and grad._base is None and hasattr(grad, "_use_count")
+            and hasattr(torch._C, "_storage_Use_Count")):  # private torch APIs: without them, never in place
+        return False
+    storage_refs = torch._C._storage_Use_Count(grad.untyped_storage()._cdata)  # 1 from `grad`, 1 from the query
+    return grad._use_count() == 1 and storage_refs == 2
+
+
+class _DensityTap(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, row_weight, eps, thresholds):
-        # Only `a` goes through save_for_backward. The row weights sit on ctx, so a gradient-checkpoint
+    def forward(ctx, a, pad_rows, eps, thresholds):
+        # Only `a` goes through save_for_backward. The padding rows sit on ctx, so a gradient-checkpoint
         # recompute (which runs without them) saves exactly the same tensors as the original forward.
         ctx.save_for_backward(a)
-        ctx.row_weight, ctx.eps = row_weight, eps
-        ssum, active = surrogate_stats(a, row_weight, eps, thresholds)
+        ctx.pad_rows, ctx.eps = pad_rows, eps
+        ctx.set_materialize_grads(False)  # an unused sum (a forward outside record()) costs nothing in backward
+        ssum, active = surrogate_stats(a, pad_rows, eps, thresholds)
         ctx.mark_non_differentiable(active)
-        return ssum, active
+        return a.view_as(a), ssum, active
 
     @staticmethod
-    def backward(ctx, grad_sum, _grad_active):
+    def backward(ctx, grad_a, grad_sum, _grad_active):
+        if grad_sum is None:
+            return grad_a, None, None, None
         (a,) = ctx.saved_tensors
-        eps, row_weight = ctx.eps, ctx.row_weight
-        grad = torch.empty_like(a)
-        scale = 2.0 * eps * grad_sum.float()  # d/da of a²/(a²+ε) = 2εa / (a²+ε)²
-        for rows in _row_chunks(a.shape[0], a.shape[1]):
-            x = a[rows].float()
-            d = x.square().add_(eps)  # a² + ε
-            g = grad[rows] if grad.dtype == torch.float32 else None  # fp32: computed in place in the result
-            g = torch.div(x, d, out=g).div_(d)
-            g.mul_(scale if row_weight is None else row_weight[rows, None] * scale)
-            if grad.dtype != torch.float32:
-                grad[rows] = g
-        return grad, None, None, None
+        if grad_a is None:
+            grad_a = torch.zeros_like(a)
+        return add_surrogate_grad(grad_a, a, grad_sum, ctx.pad_rows, ctx.eps), None, None, None
 
 
-def density_surrogate(
-    a: torch.Tensor, row_weight: torch.Tensor | None, eps: float, thresholds: tuple[float, ...]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Differentiable when `a` needs a gradient, plain statistics otherwise. See `surrogate_stats`."""
+def density_tap(
+    a: torch.Tensor, pad_rows: torch.Tensor | None, eps: float, thresholds: tuple[float, ...]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(a view of `a` to use in its place, Σ s(a) over real rows, active counts; see `surrogate_stats`).
+    Differentiable when `a` needs a gradient: the view carries the surrogate's gradient back into `a`."""
     if torch.is_grad_enabled() and a.requires_grad:
-        return _FusedDensitySurrogate.apply(a, row_weight, eps, thresholds)
-    return surrogate_stats(a, row_weight, eps, thresholds)
+        return _DensityTap.apply(a, pad_rows, eps, thresholds)
+    ssum, active = surrogate_stats(a, pad_rows, eps, thresholds)
+    return a, ssum, active

@@ -25,7 +25,7 @@ from .adaptive import attach_layer_weights
 from .architectures import MlpSite, base_model_of, find_mlp_sites
 from .checkpointing import REENTRANT_FIX, DeftCheckpointingError, check_checkpointing
 from .config import DeftConfig, DeftConfigError
-from .surrogate import density_surrogate
+from .surrogate import density_tap
 
 
 class DeftInputError(ValueError):
@@ -58,7 +58,7 @@ class DensityTracker:
         self._recording = False
         self._grad_expected = False
         self._masks: dict[str, torch.Tensor | None] = {}
-        self._row_weights: dict[tuple, tuple[torch.Tensor, int]] = {}
+        self._pad_rows_cache: dict[tuple, tuple[torch.Tensor | None, int]] = {}
         self._records: dict[str, _LayerRecord] = {}
         # ADA-DEFT: the learnable per-layer weights live on the model (see deft_common.adaptive).
         self.adaptive = attach_layer_weights(model, self.config, self.sites) if self.config.adaptive else None
@@ -68,39 +68,51 @@ class DensityTracker:
     def _hook(self, site: MlpSite):
         module = site.capture_module(self.config.capture)
         if self.config.capture == "act":
-            return module.register_forward_hook(lambda _m, _args, out: self._observe(site, out))
-        return module.register_forward_pre_hook(lambda _m, args: self._observe(site, args[0] if args else None))
+            return module.register_forward_hook(lambda _m, _args, out: self._tap(site, out))
+        return module.register_forward_pre_hook(lambda _m, args: self._tap(site, args))
 
-    def _observe(self, site: MlpSite, a) -> None:
-        if isinstance(a, (tuple, list)):
-            a = a[0] if a else None
+    def _tap(self, site: MlpSite, value):
+        """Hook body: `value` is the activation (or a tuple starting with it). Returns what the module should
+        use instead (the activation routed through the density op), or None to leave it as it is."""
+        is_tuple = isinstance(value, (tuple, list))
+        a = value[0] if is_tuple and value else value
         if not isinstance(a, torch.Tensor) or not a.is_floating_point():
-            return
+            return None
+        routed = self._observe(site, a)
+        if routed is None:
+            return None
+        return (routed, *value[1:]) if is_tuple else routed
+
+    def _observe(self, site: MlpSite, a: torch.Tensor) -> torch.Tensor | None:
         recording = self._recording and not _in_backward()
         if recording and self._grad_expected and not torch.is_grad_enabled():
             recording = False  # a no-grad forward inside a training step (e.g. TRL's metrics-only pass): not the loss
-        if not recording and not (torch.is_grad_enabled() and a.requires_grad):
-            return  # inference, eval, generate(): no work, nothing kept
-        row_weight, real_rows = self._row_weight(site, a) if recording else (None, 0)
-        ssum, active = density_surrogate(a.reshape(-1, a.shape[-1]), row_weight, self.config.eps, self.thresholds)
-        if not recording:
-            return  # a training forward outside record(): same ops as a recompute needs, result dropped
-        rec = self._records.setdefault(site.name, _LayerRecord())
-        rec.surrogate_sum = rec.surrogate_sum + ssum
-        rec.active = rec.active + active
-        rec.entries += real_rows * a.shape[-1]
+        training_graph = torch.is_grad_enabled() and a.requires_grad
+        if not recording and not training_graph:
+            return None  # inference, eval, generate(): no work, nothing kept
+        pad_rows, real_rows = self._pad_rows(site, a) if recording else (None, 0)
+        routed, ssum, active = density_tap(a, pad_rows, self.config.eps, self.thresholds)
+        if recording:
+            rec = self._records.setdefault(site.name, _LayerRecord())
+            rec.surrogate_sum = rec.surrogate_sum + ssum
+            rec.active = rec.active + active
+            rec.entries += real_rows * a.shape[-1]
+        # In a training graph the activation always goes through the op, recording or not, so that a gradient
+        # checkpoint recompute (which runs outside record()) saves the same tensors as the original forward.
+        return routed if training_graph else None
 
-    def _row_weight(self, site: MlpSite, a: torch.Tensor) -> tuple[torch.Tensor | None, int]:
-        """(1.0 for real token rows of `a` and 0.0 for padding, flattened like a.reshape(-1, hidden); real rows)."""
+    def _pad_rows(self, site: MlpSite, a: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+        """(indices of the padding rows of a.reshape(-1, hidden), None if there are none; number of real rows)."""
         key = "decoder" if (self.is_encoder_decoder and site.stack == "decoder") else "encoder"
         mask = self._masks.get(key)
         if mask is None:
             return None, a.numel() // a.shape[-1]
         cache_key = (key, tuple(a.shape[:-1]), a.device)
-        if cache_key not in self._row_weights:
-            weight = self._align_mask(mask, a, site, key, self.virtual_tokens)
-            self._row_weights[cache_key] = (weight, int(weight.sum().item()))
-        return self._row_weights[cache_key]
+        if cache_key not in self._pad_rows_cache:
+            real = self._align_mask(mask, a, site, key, self.virtual_tokens)
+            pad_rows = torch.nonzero(real == 0).flatten()
+            self._pad_rows_cache[cache_key] = (pad_rows if pad_rows.numel() else None, real.numel() - pad_rows.numel())
+        return self._pad_rows_cache[cache_key]
 
     @staticmethod
     def _align_mask(mask: torch.Tensor, a: torch.Tensor, site: MlpSite, key: str, virtual_tokens: int = 0) -> torch.Tensor:
@@ -147,7 +159,7 @@ class DensityTracker:
         finally:
             self._recording = False
             self._masks = {}
-            self._row_weights = {}
+            self._pad_rows_cache = {}
 
     def clear(self) -> None:
         """Drop what the last record() kept."""

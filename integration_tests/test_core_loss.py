@@ -14,6 +14,7 @@ from core_reference import (
     real_token_masks,
 )
 from deft_common import DeftConfig, DensityTracker
+from deft_common.surrogate import density_tap
 from fixtures import ENCODER_DECODER, make_batch, make_model
 
 def _run(family, model, batch, config, capture=None):
@@ -99,6 +100,39 @@ def test_density_gradient_equals_the_gradient_of_the_formula(family, capture):
     assert_grads_close(got, expected)
     nonzero = sum(int(e is not None and e.abs().sum() > 0) for e in expected)
     assert nonzero >= len(params) // 3  # the term reaches most of the model, not a corner of it
+
+
+@pytest.mark.parametrize("family, capture", [("bert", "act"), ("llama", "down_in"), ("t5", "act")])
+def test_training_gradient_equals_the_formula_with_padding(family, capture):
+    """Task loss + density loss, as in training: the op adds the surrogate's gradient to the model's own gradient
+    (in place when it can), and padding rows get only the model's."""
+    eps = 1e-3
+    model = make_model(family)
+    batch = make_batch(family, padding=True)
+    tracker = DensityTracker(model, DeftConfig(capture=capture, eps=eps))
+    with ActivationRecorder(family, model, capture) as recorder, tracker.record(**tracker.masks_for(batch)):
+        task = model(**batch).loss
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = torch.autograd.grad(task + tracker.density_loss(), params, retain_graph=True, allow_unused=True)
+    expected = torch.autograd.grad(task + hand_loss(recorder, real_token_masks(family, batch), eps), params,
+                                   allow_unused=True)
+    assert_grads_close(got, expected)
+
+
+def test_a_gradient_shared_with_another_branch_is_not_changed():
+    """Autograd hands an addition's gradient to both of its inputs as one tensor; adding the surrogate's gradient
+    to it in place would corrupt the other input's gradient."""
+    eps = 1e-3
+    weight = torch.randn(8, 8)
+    a, z = torch.randn(6, 8, requires_grad=True), torch.randn(6, 8, requires_grad=True)
+    other = z * 2  # made before the op, so its backward runs after the op's
+    routed, ssum, _ = density_tap(a, None, eps, (0.0,))
+    ((routed + other) @ weight).sum().add(ssum).backward()
+
+    a2, z2 = a.detach().clone().requires_grad_(), z.detach().clone().requires_grad_()
+    (((a2 + z2 * 2) @ weight).sum() + (a2 * a2 / (a2 * a2 + eps)).sum()).backward()
+    torch.testing.assert_close(z.grad, z2.grad)
+    torch.testing.assert_close(a.grad, a2.grad)
 
 
 def test_several_forwards_in_one_record_pool_their_tokens():

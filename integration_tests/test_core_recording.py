@@ -31,7 +31,7 @@ def _assert_freed(refs):
 
 
 def _assert_nothing_kept(tracker):
-    assert tracker._records == {} and tracker._row_weights == {} and tracker._masks == {}
+    assert tracker._records == {} and tracker._pad_rows_cache == {} and tracker._masks == {}
     with pytest.raises(RuntimeError, match="record"):
         tracker.density_loss()
 
@@ -70,7 +70,7 @@ def test_record_keeps_statistics_not_activations(family):
     for handle in handles:
         handle.remove()
     _assert_freed(refs)  # backward released them; the records hold scalars only
-    assert tracker.density() and tracker._masks == {} and tracker._row_weights == {}
+    assert tracker.density() and tracker._masks == {} and tracker._pad_rows_cache == {}
     assert all(rec.surrogate_sum.numel() == 1 for rec in tracker._records.values())
 
 

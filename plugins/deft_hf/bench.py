@@ -4,7 +4,8 @@
    way the paper's code does it (forward hooks that keep every activation tensor in a list, the loss computed
    after the forward with eager ops a²/(a²+ε) and means) train the same LoRA model from the same initialisation
    on the same batches, in one fresh process. Their steps are interleaved (every step, each variant trains on the
-   same batch, in rotating order), warm-up steps are dropped, and the step time is the median. Memory is the
+   same batch, in rotating order), warm-up steps are dropped; a time ratio is the median over steps of the
+   per-step ratio (the two steps ran back to back), with a bootstrap 95% interval. Memory is the
    peak of torch's allocator during a step plus the model's parameters, buffers and optimizer state
    (deft_hf.measure); the three models share the process, but each one's peak is measured on its own step.
    The naive loss masks padding like deft_common does, so both compute the same number (tested).
@@ -33,7 +34,7 @@ from deft_common import DeftConfig, DensityTracker, find_mlp_sites
 from .data import DeftDataError, check_model_dir, default_model_dir, reports_errors
 from .demo import (ADA_SKIP_BUDGET, DemoSettings, _batches, _check_model, _load_records, _skip_budget, build_classifier,
                    in_subprocess, train_and_evaluate)
-from .measure import median, memory_kind, peak_increase_bytes, resident_bytes, timed
+from .measure import median, memory_kind, paired_ratio, peak_increase_bytes, resident_bytes, timed
 
 VARIANTS = ("peft", "deft", "naive")
 TARGETS = {  # issue 5; paper anchor for ADA-DEFT: Flan-T5-XL, -8.79% runtime, -17.46% memory
@@ -48,7 +49,7 @@ class BenchSettings:
     model: str | None = None  # local HF model folder; None = the demo's all-MiniLM-L6-v2
     data: str | None = None  # JSONL with "text" and "label"; None = the IMDB reviews
     out: str | None = None  # None = a new ./deft-bench-<time> folder
-    steps: int = 20  # measured training steps per variant
+    steps: int = 60  # measured training steps per variant
     warmup: int = 3  # training steps per variant before measuring
     batch_size: int = 16
     max_length: int = 64
@@ -213,6 +214,8 @@ def run_bench(settings: BenchSettings) -> dict:
 
     training = in_subprocess(measure_training, settings, train, len(names))
     peft = training["peft"]
+    time_ratio, time_low, time_high = paired_ratio(training["deft"]["step_s_all"], peft["step_s_all"])
+    naive_ratio, naive_low, naive_high = paired_ratio(training["naive"]["step_s_all"], peft["step_s_all"])
     results = {
         "device": describe_device(device),
         "torch": torch.__version__,
@@ -220,16 +223,19 @@ def run_bench(settings: BenchSettings) -> dict:
                 "settings": dataclasses.asdict(settings), "lora_targets": demo.lora_targets,
                 "learning_rate": demo.learning_rate, "mlp_bias_lr": demo.mlp_bias_lr},
         "training": training,
-        "time_ratio": training["deft"]["step_s"] / peft["step_s"],
+        "time_ratio": time_ratio,
+        "time_ratio_ci95": [time_low, time_high],
         "memory_ratio": training["deft"]["memory_mb"] / peft["memory_mb"],
-        "naive_time_ratio": training["naive"]["step_s"] / peft["step_s"],
+        "naive_time_ratio": naive_ratio,
+        "naive_time_ratio_ci95": [naive_low, naive_high],
         "naive_memory_ratio": training["naive"]["memory_mb"] / peft["memory_mb"],
         "step_memory_ratio": _ratio(training["deft"]["step_peak_increase_mb"], peft["step_peak_increase_mb"]),
         "naive_step_memory_ratio": _ratio(training["naive"]["step_peak_increase_mb"], peft["step_peak_increase_mb"]),
         "measured": {
-            "time": f"median training step (forward, loss, backward, AdamW step) over {settings.steps} steps after "
+            "time": f"training step (forward, loss, backward, AdamW step), {settings.steps} steps after "
                     f"{settings.warmup} warm-up steps, the three variants interleaved on the same batches of "
-                    f"{settings.batch_size} texts x <= {settings.max_length} tokens",
+                    f"{settings.batch_size} texts x <= {settings.max_length} tokens; ratios: median over steps of "
+                    "the per-step ratio to PEFT's step on the same batch, with a bootstrap 95% interval",
             "memory": memory_kind(device) + "; one training step each, same batch",
             "step_memory_ratio": "the same, without the resident part: only what a training step allocates",
         },
@@ -275,12 +281,16 @@ def _meets(value: float, op: str, target: float) -> bool:
 
 def report(results: dict) -> str:
     t = results["training"]
-    lines = [f"Training step on {results['device']} (median step time; memory: {results['measured']['memory']})",
-             f"{'':22}{'step (ms)':>11}{'memory (MB)':>13}{'step alloc (MB)':>17}{'time ratio':>12}{'memory ratio':>14}"]
-    for name, label in (("peft", "PEFT"), ("deft", "DEFT (deft_common)"), ("naive", "naive DEFT")):
+    lines = [f"Training step on {results['device']} (median step time; time ratio: median per-step ratio to PEFT "
+             f"[95% interval]; memory: {results['measured']['memory']})",
+             f"{'':22}{'step (ms)':>11}{'memory (MB)':>13}{'step alloc (MB)':>17}{'time ratio':>24}{'memory ratio':>14}"]
+    for name, label, prefix in (("peft", "PEFT", None), ("deft", "DEFT (deft_common)", ""), ("naive", "naive DEFT", "naive_")):
         v = t[name]
+        ratio = "1.000" if prefix is None else (
+            f"{results[prefix + 'time_ratio']:.3f} [{results[prefix + 'time_ratio_ci95'][0]:.3f}, "
+            f"{results[prefix + 'time_ratio_ci95'][1]:.3f}]")
         lines.append(f"{label:22}{1000 * v['step_s']:>11.1f}{v['memory_mb']:>13.1f}{v['step_peak_increase_mb']:>17.1f}"
-                     f"{v['step_s'] / t['peft']['step_s']:>12.3f}{v['memory_mb'] / t['peft']['memory_mb']:>14.3f}")
+                     f"{ratio:>24}{v['memory_mb'] / t['peft']['memory_mb']:>14.3f}")
     if "ada" in results:
         a = results["ada"]
         lines += ["", f"ADA-DEFT inference, {len(a['skipped_blocks'])} of {len(a['layer_weights'])} MLP blocks skipped "

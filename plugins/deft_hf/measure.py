@@ -10,6 +10,7 @@ Either way the peak *increase* during the call is added to the bytes the measure
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 
@@ -74,6 +75,16 @@ def resident_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | No
 
 def median(values) -> float:
     return float(statistics.median(values))
+
+
+def paired_ratio(ours, reference, resamples: int = 2000) -> tuple[float, float, float]:
+    """(median over rounds of ours[r] / reference[r], and a bootstrap 95% interval of that median). Each round's
+    two times were measured back to back, so load that drifts over a run (other processes, clock changes) hits
+    both and cancels in the ratio, where a ratio of two overall medians keeps it."""
+    ratios = [a / b for a, b in zip(ours, reference, strict=True)]
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    return median(ratios), medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
 @torch.inference_mode()
