@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import DeftConfig
+from .config import DeftConfig, DeftConfigError
 from .controller import DensityController
 from .tracker import DensityTracker
 
@@ -109,6 +109,33 @@ class DensityWeight:
     def observe(self, tracker: DensityTracker) -> None:
         if self.controller is not None:
             self._step_sums.add(tracker)
+
+    def end_step(self) -> None:
+        """Feed the controller the forwards observed since the last step boundary now, instead of at the next
+        step's first forward (e.g. before saving a checkpoint). A collective under torch.distributed."""
+        if self.controller is not None and self._step_sums.forwards:
+            self._end_step()
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to continue the weight where this one is: the controller's state ({} without a
+        controller: the fixed/warm-up weight follows the step alone). Ends the step first (see end_step)."""
+        if self.controller is None:
+            return {}
+        self.end_step()
+        return {"controller": self.controller.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.controller is None and "controller" not in state:
+            return
+        if self.controller is None or "controller" not in state:
+            raise DeftConfigError(
+                "DensityWeight.load_state_dict: the saved state and this DeftConfig disagree on target_density "
+                f"(saved: {'a controller state' if 'controller' in state else 'no controller'}, now: "
+                f"target_density={self.config.target_density}); resume with the DeftConfig of the saved run"
+            )
+        self.controller.load_state_dict(state["controller"])
+        self._step_sums.clear()
+        self._step = None
 
     def log(self) -> dict[str, float]:
         if self.controller is not None:

@@ -47,3 +47,16 @@ def test_rejects_a_density_that_is_no_fraction():
     controller = DensityController(DeftConfig(target_density=0.5))
     with pytest.raises(ValueError, match="fraction"):
         controller.update(float("nan"))
+
+
+def test_density_weight_state_refuses_a_different_config():
+    from deft_common import DensityWeight
+
+    with_target = DensityWeight(DeftConfig(target_density=0.3), layers=2)
+    without = DensityWeight(DeftConfig(), layers=2)
+    assert without.state_dict() == {}
+    without.load_state_dict({})  # nothing to restore for a fixed weight
+    with pytest.raises(DeftConfigError, match="target_density"):
+        without.load_state_dict(with_target.state_dict())
+    with pytest.raises(DeftConfigError, match="target_density"):
+        with_target.load_state_dict({})

@@ -164,6 +164,34 @@ def test_target_density_steers_the_weight_once_per_optimizer_step(tmp_path):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_resuming_from_a_checkpoint_continues_the_controller_and_the_ada_deft_weights(kind, tmp_path):
+    """train(resume_from_checkpoint=...) ends where the uninterrupted run ends: the controller's weight and the
+    ADA-DEFT weights come back from the checkpoint (a PEFT checkpoint alone would restart both)."""
+    config = DeftConfig(target_density=0.05, controller_gain=1.0, adaptive=True)
+
+    def run(out, **train_kwargs):
+        model = lora_model(make_model("opt"))
+        trainer = build_trainer(kind, model, make_train_dataset("opt", n=16, seq_len=12), config, tmp_path,
+                                collator=make_collator("opt"), optim="adamw_torch", learning_rate=3e-3, max_steps=4,
+                                per_device_train_batch_size=2, gradient_accumulation_steps=2, output_dir=str(out),
+                                save_strategy="steps", save_steps=2)
+        trainer.train(**train_kwargs)
+        weight = trainer.deft_weight if kind == "mixin" else trainer.callback_handler.callbacks[0].hook.weight
+        return weight.controller.coef, layer_weights(model).logits.detach().clone(), train_logs(trainer)
+
+    coef, logits, logs = run(tmp_path / "whole")
+    assert coef > 0.0 and logits.std() > 0  # both moved during training
+    resumed_coef, resumed_logits, resumed_logs = run(tmp_path / "resumed",
+                                                     resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2"))
+    assert [h["step"] for h in resumed_logs] == [1, 2, 3, 4]  # steps 1-2: the checkpoint's log history
+    assert resumed_logs[2]["deft/coef"] == pytest.approx(logs[2]["deft/coef"])  # not restarted at 0
+    assert resumed_logs[2]["deft/adaptive_weight/model.decoder.layers.0"] == pytest.approx(
+        logs[2]["deft/adaptive_weight/model.decoder.layers.0"])
+    assert resumed_coef == pytest.approx(coef)
+    torch.testing.assert_close(resumed_logits, logits)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_target_density_above_the_density_keeps_the_weight_at_zero(kind, tmp_path):
     trainer = build_trainer(kind, make_model("opt"), make_train_dataset("opt", n=8, seq_len=12),
                             DeftConfig(target_density=0.99), tmp_path, collator=make_collator("opt"), max_steps=2,

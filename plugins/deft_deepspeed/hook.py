@@ -108,13 +108,14 @@ def save_layer_weights(model: nn.Module, directory, write: bool | None = None) -
         return deft_common.save_layer_weights(model, directory) if write else None
 
 
-def gathered(param: torch.Tensor):
-    """A context in which a ZeRO-3 partitioned `param` holds its full data (a no-op for any other tensor)."""
+def gathered(param: torch.Tensor, modifier_rank: int | None = None):
+    """A context in which a ZeRO-3 partitioned `param` holds its full data (a no-op for any other tensor); with
+    `modifier_rank`, that rank's changes are written back to every partition on exit."""
     if not hasattr(param, "ds_id"):
         return contextlib.nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters([param])
+    return deepspeed.zero.GatheredParameters([param], modifier_rank=modifier_rank)
 
 
 def _calling_engine():

@@ -13,6 +13,8 @@ TensorBoard and W&B all get them.
 ADA-DEFT (DeftConfig(adaptive=True)): the hook attaches the per-layer weights to the model at on_init_end, before
 the Trainer builds its optimizer in `train()`; the callback makes `trainer.save_model` (which also writes every
 checkpoint) write them beside the saved model as deft_adaptive.json, and logs deft/adaptive_weight/<layer>.
+Checkpoints also keep the controller's state and the ADA-DEFT weights (in trainer_state.json), so that
+`train(resume_from_checkpoint=...)` continues them (trainer_support.TrainerResumeState).
 
 It only works where the Trainer optimises the model's own `outputs.loss`. It refuses, with DeftCallbackError, label
 smoothing, `compute_loss_func`, TRL >= 1.15 `SFTTrainer` (it computes the loss itself), and, at the end of every
@@ -34,8 +36,9 @@ from deft_common import DeftConfig, DeftConfigError, DensityLossHook, DensityTra
 
 from .metrics import DeftMetrics
 from .mixin import DeftTrainerMixin
-from .trainer_support import (check_layer_weights_in_optimizer, density_term_scale, disable_ignored_loss_kwargs,
-                              ensure_non_reentrant_checkpointing, save_layer_weights_with_model)
+from .trainer_support import (TrainerResumeState, check_layer_weights_in_optimizer, density_term_scale,
+                              disable_ignored_loss_kwargs, ensure_non_reentrant_checkpointing,
+                              save_layer_weights_with_model)
 
 
 class DeftCallbackError(RuntimeError):
@@ -68,6 +71,7 @@ class DeftCallback(TrainerCallback):
         self.hook: _TrainerLossHook | None = None
         self.trainer: transformers.Trainer | None = None
         self.metrics = DeftMetrics()
+        self._resume: TrainerResumeState | None = None
         self._terms_in_flight = 0  # density terms of this optimizer step that backward has not reached yet
 
     @property
@@ -85,6 +89,9 @@ class DeftCallback(TrainerCallback):
         ensure_non_reentrant_checkpointing(model)
         check_layer_weights_in_optimizer(self.trainer)  # the Trainer built its optimizer just before this event
         self._terms_in_flight = 0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._resume.restore_if_resumed()  # the Trainer loads a checkpoint's state after on_train_begin
 
     def on_step_end(self, args, state, control, **kwargs):
         missed, self._terms_in_flight = self._terms_in_flight, 0
@@ -136,6 +143,8 @@ class DeftCallback(TrainerCallback):
         if callbacks[0] is not self:
             callbacks.remove(self)
             callbacks.insert(0, self)
+        if self._resume is None or self._resume.trainer is not trainer:
+            self._resume = TrainerResumeState(trainer, lambda: self.hook.weight)
         if self.config.adaptive and not hasattr(trainer.save_model, "deft_saves_layer_weights"):
             trainer.save_model = _saving_layer_weights(trainer)
 

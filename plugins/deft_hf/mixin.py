@@ -20,6 +20,9 @@ Trainer builds its optimizer in `train()`, so they train with the model; `save_m
 them beside the saved model as deft_adaptive.json (deft_common.load_layer_weights reads them back), and the logs
 get deft/adaptive_weight/<layer>.
 
+Checkpoints also keep the controller's state and the ADA-DEFT weights (in trainer_state.json), so that
+`train(resume_from_checkpoint=...)` continues them (trainer_support.TrainerResumeState).
+
 Evaluation density is measured inside `compute_loss`, i.e. for evaluation batches with labels. Seq2SeqTrainer with
 `predict_with_generate=True` computes its evaluation loss outside `compute_loss`, so there the mixin logs no
 eval_deft/... keys (DeftCallback does).
@@ -38,8 +41,9 @@ import torch
 from deft_common import DeftConfig, DeftConfigError, DensityTracker, DensityWeight
 
 from .metrics import DeftMetrics
-from .trainer_support import (check_layer_weights_in_optimizer, density_term_scale, disable_ignored_loss_kwargs,
-                              ensure_non_reentrant_checkpointing, save_layer_weights_with_model)
+from .trainer_support import (TrainerResumeState, check_layer_weights_in_optimizer, density_term_scale,
+                              disable_ignored_loss_kwargs, ensure_non_reentrant_checkpointing,
+                              save_layer_weights_with_model)
 
 
 class DeftTrainerMixin:
@@ -61,6 +65,7 @@ class DeftTrainerMixin:
         self.deft_tracker = DensityTracker(self.model, config)  # after super(): TRL wraps the model in PEFT there
         self.deft_weight = DensityWeight(config, len(self.deft_tracker.sites), self.args.device)
         self.deft_metrics = DeftMetrics(self.deft_weight)
+        self._deft_resume = TrainerResumeState(self, lambda: self.deft_weight)
         disable_ignored_loss_kwargs(self)
         self._deft_checked_optimizer = None  # the optimizer check_layer_weights_in_optimizer last passed
 
@@ -74,6 +79,7 @@ class DeftTrainerMixin:
         tracker = self._deft_current_tracker()
         training = model.training and torch.is_grad_enabled()
         if training:
+            self._deft_resume.restore_if_resumed()
             ensure_non_reentrant_checkpointing(self.model)
             if self.optimizer is not self._deft_checked_optimizer:
                 check_layer_weights_in_optimizer(self)

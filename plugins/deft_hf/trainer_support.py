@@ -9,14 +9,19 @@ mean. The rules below follow transformers 5.16 (no `loss_is_scaled_for_ga`) and 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import logging
+from collections.abc import Callable
+
+import torch
 
 import transformers
 from torch import nn
 
-from deft_common import (DeftConfigError, base_model_of, layer_weights, make_checkpointing_non_reentrant,
-                         save_layer_weights)
+from deft_common import (DeftConfigError, DensityWeight, base_model_of, layer_weights,
+                         make_checkpointing_non_reentrant, save_layer_weights)
 
 logger = logging.getLogger("deft_hf")
 
@@ -164,3 +169,70 @@ def save_layer_weights_with_model(trainer, output_dir) -> None:
         save_gathered(trainer.model, output_dir, write=trainer.args.should_save)
     elif trainer.args.should_save:
         save_layer_weights(trainer.model, output_dir)
+
+
+RESUME_STATE_KEY = "DeftTrainingState"  # in TrainerState.stateful_callbacks, i.e. in each checkpoint's trainer_state.json
+
+
+class TrainerResumeState:
+    """What a run resumed with `trainer.train(resume_from_checkpoint=...)` needs to continue DEFT where the
+    checkpoint left it: the target-density controller (DensityWeight.state_dict) and the ADA-DEFT layer weights
+    (a PEFT checkpoint holds adapter weights only, so they would restart uniform). Without it a resumed run would
+    restart the controller's weight at 0 and the layer weights at uniform, with no error.
+
+    It rides in the Trainer's own checkpoint file trainer_state.json, under stateful_callbacks["DeftTrainingState"]:
+    `trainer._save_checkpoint` (every process calls it) is wrapped to store it first, and `restore_if_resumed()`,
+    called at each training step, reads it back once the Trainer has loaded a checkpoint's state."""
+
+    def __init__(self, trainer, weight: Callable[[], DensityWeight]):
+        self.trainer = trainer
+        self._weight = weight  # a getter: the callback rebuilds its hook when the Trainer swaps models
+        save_checkpoint = trainer._save_checkpoint
+
+        @functools.wraps(save_checkpoint)
+        def save_checkpoint_with_deft_state(*args, **kwargs):
+            self.store()
+            return save_checkpoint(*args, **kwargs)
+
+        trainer._save_checkpoint = save_checkpoint_with_deft_state
+
+    def store(self) -> None:
+        state = self._weight().state_dict()
+        weights = layer_weights(self.trainer.model)
+        if weights is not None:
+            with _gathered(self.trainer, weights.logits):
+                state["adaptive_logits"] = weights.logits.detach().float().cpu().tolist()
+        if state:
+            self.trainer.state.stateful_callbacks[RESUME_STATE_KEY] = state
+        self.trainer.state.deft_state_checked = True  # not a dataclass field: never written to the JSON
+
+    def restore_if_resumed(self) -> None:
+        state = self.trainer.state  # train() makes a new TrainerState, loaded from the checkpoint when resuming
+        if getattr(state, "deft_state_checked", False):
+            return
+        state.deft_state_checked = True
+        saved = state.stateful_callbacks.get(RESUME_STATE_KEY)
+        if saved is None:
+            return
+        saved = dict(saved)
+        logits = saved.pop("adaptive_logits", None)
+        self._weight().load_state_dict(saved)
+        if logits is not None:
+            weights = layer_weights(self.trainer.model)
+            if weights is None or len(logits) != len(weights.names):
+                raise DeftConfigError(
+                    f"the checkpoint holds ADA-DEFT weights for {len(logits)} MLP blocks but the model has "
+                    f"{'none' if weights is None else len(weights.names)}; resume with the DeftConfig (adaptive=True) "
+                    "and model of the saved run"
+                )
+            with _gathered(self.trainer, weights.logits, modify=True), torch.no_grad():
+                weights.logits.copy_(torch.tensor(logits, dtype=weights.logits.dtype))
+
+
+def _gathered(trainer, param, modify: bool = False):
+    """The full `param` under DeepSpeed ZeRO-3 (partitioned there), written back from rank 0 when `modify`."""
+    if trainer.is_deepspeed_enabled:
+        from deft_deepspeed.hook import gathered
+
+        return gathered(param, modifier_rank=0 if modify else None)
+    return contextlib.nullcontext()
