@@ -16,6 +16,8 @@ in; the controller's update is then a collective that every process reaches in t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .config import DeftConfig, DeftConfigError
@@ -23,9 +25,24 @@ from .controller import DensityController
 from .tracker import DensityTracker
 
 
+@dataclass
+class WindowTotals:
+    """What `DensitySums.pop()` read: over the window's forwards and every process."""
+
+    layers: list[float | None]  # per MLP block (tracker.sites order): fraction of active entries; None = not seen
+    term: float | None  # mean density term of the forwards that added one; None = none did
+
+    @property
+    def density(self) -> float | None:
+        """Mean over the blocks seen of their density; None when nothing was recorded anywhere."""
+        seen = [d for d in self.layers if d is not None]
+        return sum(seen) / len(seen) if seen else None
+
+
 class DensitySums:
-    """Active and real MLP entries per layer (and, optionally, density terms) summed over training forwards,
-    kept as tensors so that a forward costs no device sync; `pop()` reads and sums them over every process."""
+    """Active and real MLP entries per layer (and, optionally, density terms) summed over forwards, kept as
+    tensors so that a forward costs no device sync and no collective; `pop()` reads and sums them over every
+    process, once per window (a logging interval, an optimizer step)."""
 
     def __init__(self, layers: int):
         self.layers = layers
@@ -35,6 +52,7 @@ class DensitySums:
         self.active: torch.Tensor | None = None  # float64 (layers,), on the activations' device
         self.entries = [0] * self.layers
         self.term = 0.0  # sum of the density terms added (a float64 tensor once one is added)
+        self.terms = 0  # forwards that added a term
         self.forwards = 0
 
     def add(self, tracker: DensityTracker, term: torch.Tensor | None = None) -> None:
@@ -45,12 +63,12 @@ class DensitySums:
         self.entries = [a + b for a, b in zip(self.entries, entries)]
         if term is not None:
             self.term = self.term + term.detach().to(torch.float64)
+            self.terms += 1
         self.forwards += 1
 
-    def pop(self, device: torch.device) -> dict[str, float]:
-        """{"deft/density": mean over layers of the fraction of active entries, "deft/loss": mean density term}
-        over the forwards since the last pop and over every process; empty when nothing was recorded anywhere.
-        A collective when torch.distributed is initialised: every process must call it."""
+    def pop(self, device: torch.device | str) -> WindowTotals:
+        """The window's totals over every process, and an empty window. A collective when torch.distributed is
+        initialised: every process must call it."""
         n = self.layers
         vector = torch.zeros(2 * n + 2, dtype=torch.float64, device=self.active.device if self.active is not None
                              else device)
@@ -58,16 +76,14 @@ class DensitySums:
             vector[:n] = self.active
         vector[n : 2 * n] = torch.tensor(self.entries, dtype=torch.float64)
         vector[-2] = self.term
-        vector[-1] = self.forwards
+        vector[-1] = self.terms
         self.clear()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(vector)
         values = vector.tolist()
-        active, entries, term, forwards = values[:n], values[n : 2 * n], values[-2], values[-1]
-        densities = [a / e for a, e in zip(active, entries) if e]
-        if not forwards or not densities:
-            return {}
-        return {"deft/density": sum(densities) / len(densities), "deft/loss": term / forwards}
+        active, entries, term, terms = values[:n], values[n : 2 * n], values[-2], values[-1]
+        return WindowTotals(layers=[a / e if e else None for a, e in zip(active, entries)],
+                            term=term / terms if terms else None)
 
 
 class DensityWeight:
@@ -145,7 +161,7 @@ class DensityWeight:
         return {}
 
     def _end_step(self) -> None:
-        density = self._step_sums.pop(self.device).get("deft/density")
+        density = self._step_sums.pop(self.device).density
         if density is not None:
             self.controller.update(density)
 

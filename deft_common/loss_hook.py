@@ -150,9 +150,10 @@ class DensityLossHook:
         target_density the controller's keys) when it changes over training, and with DeftConfig(adaptive=True)
         the ADA-DEFT weights of the last forward (deft/adaptive_weight/<block>). Empty when nothing was recorded
         anywhere. A collective when torch.distributed is initialised: every process must call it."""
-        metrics = self._sums.pop(_device_of(self.model))
-        if not metrics:
+        totals = self._sums.pop(_device_of(self.model))
+        if totals.density is None:
             return {}
+        metrics = {"deft/density": totals.density, "deft/loss": totals.term if totals.term is not None else 0.0}
         adaptive = self.tracker.adaptive.log() if self.tracker.adaptive is not None else {}
         return {**metrics, **self.weight.log(), **adaptive}
 

@@ -1,9 +1,9 @@
 """DEFT metrics for the Trainer's logs: density and density loss since the last log, summed over every process.
 
 Each recorded forward pass adds its active / real entry counts per MLP layer (and, in training, its density term)
-to a window, one for training and one for evaluation. The counts are summed across processes right away (every
-process runs its forward passes in lockstep, so the collective is safe there; `log()` may not run everywhere).
-`for_log(logs)` turns the matching window into log keys and empties it:
+to a window, one for training and one for evaluation (deft_common.DensitySums: tensors, so a forward costs no device
+sync and no collective). `for_log(logs)` sums the matching window over every process, turns it into log keys and
+empties it; the Trainer logs on every process, so that collective is reached everywhere:
 
     deft/density              mean over layers of the fraction of active entries (|a| > threshold, real tokens only)
     deft/density/<layer>      the same per MLP block (its module name)
@@ -23,21 +23,9 @@ import re
 
 import torch
 
-from deft_common import DensityTracker, DensityWeight
+from deft_common import DensitySums, DensityTracker, DensityWeight
 
 _RUNTIME_KEY = re.compile(r"^(.+)_runtime$")
-
-
-class _Window:
-    def __init__(self):
-        self.layers: list[str] = []
-        self.counts: torch.Tensor | None = None  # float64 (layers, 2): active, real entries
-        self.term_sum = 0.0
-        self.term_count = 0.0
-        self.adaptive = None  # the ADA-DEFT weights module of the tracker, when it has one
-
-    def empty(self) -> bool:
-        return self.counts is None
 
 
 class DeftMetrics:
@@ -45,46 +33,44 @@ class DeftMetrics:
 
     def __init__(self, weight: DensityWeight | None = None):
         self.weight = weight
-        self._windows = {"train": _Window(), "eval": _Window()}
+        self._windows: dict[str, tuple[list[str], DensitySums] | None] = {"train": None, "eval": None}
+        self._adaptive = None  # the ADA-DEFT weights module of the last training tracker, when it has one
+        self._device = None
 
     def add(self, mode: str, tracker: DensityTracker, term: torch.Tensor | None = None, device=None) -> None:
         """Add the last `tracker.record()` to the "train" or "eval" window. `term`: the density term of that forward
-        (training only). A collective when torch.distributed is initialised: every process must call it."""
+        (training only)."""
         layers = [site.name for site in tracker.sites]
-        counts = tracker.layer_counts()
-        values = [float(counts.get(name, (0, 0))[k]) for name in layers for k in (0, 1)]
-        values += [0.0, 0.0] if term is None else [float(term.detach()), 1.0]
-        totals = torch.tensor(values, dtype=torch.float64, device=device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(totals)
         window = self._windows[mode]
-        if window.empty() or window.layers != layers:
-            window = self._windows[mode] = _Window()
-            window.layers, window.counts = layers, torch.zeros(len(layers), 2, dtype=torch.float64)
-        window.counts += totals[:-2].cpu().view(-1, 2)
-        window.term_sum += float(totals[-2])
-        window.term_count += float(totals[-1])
-        window.adaptive = tracker.adaptive
+        if window is None or window[0] != layers:
+            window = self._windows[mode] = (layers, DensitySums(len(layers)))
+        window[1].add(tracker, term)
+        self._device = device
+        if mode == "train":
+            self._adaptive = tracker.adaptive
 
     def clear(self, mode: str) -> None:
-        self._windows[mode] = _Window()
+        self._windows[mode] = None
 
     def pop(self, mode: str, prefix: str = "") -> dict[str, float]:
-        """The window's metrics as log keys (`prefix` + "deft/..."), and an empty window."""
+        """The window's metrics as log keys (`prefix` + "deft/..."), and an empty window. A collective when
+        torch.distributed is initialised (when any process recorded in this mode, every process must call it)."""
         window = self._windows[mode]
         self.clear(mode)
-        if window.empty():
+        if window is None:
             return {}
-        per_layer = {name: float(a / e) for name, (a, e) in zip(window.layers, window.counts.tolist()) if e}
+        layers, sums = window
+        totals = sums.pop(self._device if self._device is not None else "cpu")
+        per_layer = {name: value for name, value in zip(layers, totals.layers) if value is not None}
         out = {}
-        if per_layer:
-            out[f"{prefix}deft/density"] = sum(per_layer.values()) / len(per_layer)
-        if window.term_count:
-            out[f"{prefix}deft/loss"] = window.term_sum / window.term_count
+        if totals.density is not None:
+            out[f"{prefix}deft/density"] = totals.density
+        if totals.term is not None:
+            out[f"{prefix}deft/loss"] = totals.term
         if mode == "train" and self.weight is not None:
             out.update(self.weight.log())
-        if mode == "train" and window.adaptive is not None:
-            out.update(window.adaptive.log())
+        if mode == "train" and self._adaptive is not None:
+            out.update(self._adaptive.log())
         out.update({f"{prefix}deft/density/{name}": value for name, value in per_layer.items()})
         return out
 
