@@ -116,8 +116,7 @@ class DensityWeight:
             self._coef = self.config.coef_at(step)
             return self._coef
         if step != self._step:
-            if self._step_sums.forwards:
-                self._end_step()
+            self.end_step()
             self._step = step
         self._coef = self.controller.coef
         return self._coef
@@ -129,8 +128,11 @@ class DensityWeight:
     def end_step(self) -> None:
         """Feed the controller the forwards observed since the last step boundary now, instead of at the next
         step's first forward (e.g. before saving a checkpoint). A collective under torch.distributed."""
-        if self.controller is not None and self._step_sums.forwards:
-            self._end_step()
+        if self.controller is None or not self._step_sums.forwards:
+            return
+        density = self._step_sums.pop(self.device).density
+        if density is not None:
+            self.controller.update(density)
 
     def state_dict(self) -> dict:
         """What a resumed run needs to continue the weight where this one is: the controller's state ({} without a
@@ -159,11 +161,6 @@ class DensityWeight:
         if self.config.coef_warmup_steps and self._coef is not None:
             return {"deft/coef": self._coef}
         return {}
-
-    def _end_step(self) -> None:
-        density = self._step_sums.pop(self.device).density
-        if density is not None:
-            self.controller.update(density)
 
 
 def _layer_counts(tracker: DensityTracker) -> tuple[torch.Tensor | None, list[int]]:

@@ -22,10 +22,14 @@ def _chunk_elements(device: torch.device) -> int:
     return 1 << 20 if device.type == "cpu" else 1 << 24
 
 
-def _row_chunks(rows: int, width: int, device: torch.device):
-    step = max(1, _chunk_elements(device) // max(1, width))
+def _row_chunks(a: torch.Tensor):
+    """(row slice, fp32 scratch of that chunk's shape) over the rows of the 2-D `a`; one buffer serves every chunk."""
+    rows, width = a.shape
+    step = max(1, _chunk_elements(a.device) // max(1, width))
+    buf = torch.empty((min(step, rows), width), dtype=torch.float32, device=a.device)
     for start in range(0, rows, step):
-        yield slice(start, min(rows, start + step))
+        stop = min(rows, start + step)
+        yield slice(start, stop), buf[: stop - start]
 
 
 def _chunk_stats(x: torch.Tensor, buf: torch.Tensor, eps: float, thresholds: tuple[float, ...]):
@@ -47,11 +51,8 @@ def surrogate_stats(
     a = a.reshape(-1, a.shape[-1])
     ssum = torch.zeros((), dtype=torch.float32, device=a.device)
     active = torch.zeros(len(thresholds), dtype=torch.int64, device=a.device)
-    buf = None
-    for rows in _row_chunks(a.shape[0], a.shape[1], a.device):
-        x = a[rows]
-        buf = torch.empty(x.shape, dtype=torch.float32, device=a.device) if buf is None else buf[: x.shape[0]]
-        chunk_sum, chunk_active = _chunk_stats(x, buf, eps, thresholds)
+    for rows, buf in _row_chunks(a):
+        chunk_sum, chunk_active = _chunk_stats(a[rows], buf, eps, thresholds)
         ssum += chunk_sum
         active += chunk_active
     if pad_rows is not None:
@@ -76,10 +77,8 @@ def add_surrogate_grad(
     # Divide the denominator by the scale (a tensor: no host sync on GPU); scale 0 gives +inf, i.e. no change.
     inv_scale = (eps / 2.0) / scale.float()
     one = torch.ones((), dtype=torch.float32, device=a.device)
-    buf = None
-    for rows in _row_chunks(a.shape[0], a.shape[1], a.device):
+    for rows, buf in _row_chunks(a):
         x = a[rows].float()
-        buf = torch.empty(x.shape, dtype=torch.float32, device=a.device) if buf is None else buf[: x.shape[0]]
         torch.addcmul(one, x, x, value=1.0 / eps, out=buf).square_().mul_(inv_scale)  # (1 + a²/ε)² · ε / (2·scale)
         torch.addcdiv(grad[rows], x, buf, out=out[rows])
     if kept is not None:

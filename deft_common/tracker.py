@@ -110,7 +110,7 @@ class DensityTracker:
         cache_key = (key, tuple(a.shape[:-1]), a.device)
         if cache_key not in self._pad_rows_cache:
             real = self._align_mask(mask, a, site, key, self.virtual_tokens)
-            pad_rows = torch.nonzero(real == 0).flatten()
+            pad_rows = torch.nonzero(~real).flatten()
             self._pad_rows_cache[cache_key] = (pad_rows if pad_rows.numel() else None, real.numel() - pad_rows.numel())
         return self._pad_rows_cache[cache_key]
 
@@ -132,7 +132,7 @@ class DensityTracker:
             raise DeftInputError(
                 f"{name} has shape {tuple(mask.shape)} but {site.name} saw activations of shape {tuple(a.shape)}"
             )
-        return mask.reshape(-1).to(device=a.device, dtype=torch.float32)
+        return mask.reshape(-1).to(device=a.device) != 0  # True for real token rows
 
     # --------------------------------------------------------------- recording
     @contextmanager

@@ -9,19 +9,18 @@ mean. The rules below follow transformers 5.16 (no `loss_is_scaled_for_ga`) and 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import logging
 from collections.abc import Callable
 
 import torch
-
 import transformers
 from torch import nn
 
-from deft_common import (DeftConfigError, DensityWeight, base_model_of, layer_weights,
-                         make_checkpointing_non_reentrant, save_layer_weights)
+from deft_common import DeftConfigError, DensityWeight, base_model_of, layer_weights, make_checkpointing_non_reentrant
+from deft_deepspeed.hook import gathered
+from deft_deepspeed.hook import save_layer_weights as save_gathered
 
 logger = logging.getLogger("deft_hf")
 
@@ -161,14 +160,8 @@ def check_layer_weights_in_optimizer(trainer) -> None:
 def save_layer_weights_with_model(trainer, output_dir) -> None:
     """ADA-DEFT: write the layer weights beside what `trainer.save_model(output_dir)` saved (a PEFT adapter keeps
     adapter weights only). Every process calls it: under DeepSpeed ZeRO-3 the weights are gathered first."""
-    if layer_weights(trainer.model) is None:
-        return
-    if trainer.is_deepspeed_enabled:
-        from deft_deepspeed import save_layer_weights as save_gathered
-
-        save_gathered(trainer.model, output_dir, write=trainer.args.should_save)
-    elif trainer.args.should_save:
-        save_layer_weights(trainer.model, output_dir)
+    if layer_weights(trainer.model) is not None:
+        save_gathered(trainer.model, output_dir, write=trainer.args.should_save)  # gathering: a no-op unless ZeRO-3
 
 
 RESUME_STATE_KEY = "DeftTrainingState"  # in TrainerState.stateful_callbacks, i.e. in each checkpoint's trainer_state.json
@@ -200,7 +193,7 @@ class TrainerResumeState:
         state = self._weight().state_dict()
         weights = layer_weights(self.trainer.model)
         if weights is not None:
-            with _gathered(self.trainer, weights.logits):
+            with gathered(weights.logits):
                 state["adaptive_logits"] = weights.logits.detach().float().cpu().tolist()
         if state:
             self.trainer.state.stateful_callbacks[RESUME_STATE_KEY] = state
@@ -225,14 +218,6 @@ class TrainerResumeState:
                     f"{'none' if weights is None else len(weights.names)}; resume with the DeftConfig (adaptive=True) "
                     "and model of the saved run"
                 )
-            with _gathered(self.trainer, weights.logits, modify=True), torch.no_grad():
+            with gathered(weights.logits, modifier_rank=0), torch.no_grad():
                 weights.logits.copy_(torch.tensor(logits, dtype=weights.logits.dtype))
 
-
-def _gathered(trainer, param, modify: bool = False):
-    """The full `param` under DeepSpeed ZeRO-3 (partitioned there), written back from rank 0 when `modify`."""
-    if trainer.is_deepspeed_enabled:
-        from deft_deepspeed.hook import gathered
-
-        return gathered(param, modifier_rank=0 if modify else None)
-    return contextlib.nullcontext()
