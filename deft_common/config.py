@@ -39,7 +39,8 @@ class DeftConfig:
     coef_warmup_steps: linearly ramp coef from 0 to its value over this many optimizer steps (0 = no ramp).
     target_density: instead of a fixed coef, steer the weight every step so the measured mean density (at `threshold`)
                 converges to this fraction (see deft_common.controller.DensityController); coef is then not used.
-    controller_gain: how fast the controller moves the weight: coef += gain * (density - target) per step.
+    controller_gain, controller_damping: how the controller moves the weight each step:
+                coef += gain * (density - target) + damping * (density - previous step's density).
     adaptive:   ADA-DEFT: learnable per-layer weights on the density terms, trained with the PEFT parameters
                 (deft_common.adaptive); after training they choose the MLP blocks to skip at inference.
     adaptive_temperature: τ of ADA-DEFT's KL term; the weights settle near softmax(-density / τ) over the blocks
@@ -58,7 +59,8 @@ class DeftConfig:
     modules: Any = None
     coef_warmup_steps: int = 0
     target_density: float | None = None
-    controller_gain: float = 0.05
+    controller_gain: float = 0.2  # gain and damping: measured on the demo job (docs/demo_tuning, sweep 4)
+    controller_damping: float = 10.0
     adaptive: bool = False
     adaptive_temperature: float = 0.3
     adaptive_logit_scale: float = 100.0
@@ -87,7 +89,9 @@ class DeftConfig:
                     "non-zero, nothing to steer); use a fraction such as 0.5, or None for a fixed coef"
                 )
         _check_number("controller_gain", self.controller_gain, minimum=0.0, strict=True,
-                      fix="use a positive step size such as 0.05")
+                      fix="use a positive step size such as 0.2")
+        _check_number("controller_damping", self.controller_damping, minimum=0.0,
+                      fix="use 0 (no damping) or a positive weight such as 10")
         self._check_adaptive()
         self.layers = _normalise_layers(self.layers)
         self.modules = _normalise_patterns("modules", self.modules)

@@ -4,12 +4,16 @@
 A fixed weight behaves like a switch on pretrained models: below some value the density does not move, above it
 whole layers are driven to zero faster than the task can adapt, and which value is "some value" depends on the
 model, the data and the learning rate. The controller treats the weight as the multiplier of the constraint
-"density <= target" and runs dual ascent on it, once per optimizer step, from the density measured on that step:
+"density <= target" and runs dual ascent on it, once per optimizer step, from the density d measured on that step,
+with a damping term on the change of d since the step before:
 
-    coef <- max(0, coef + gain * (density - target))
+    coef <- max(0, coef + gain * (d - target) + damping * (d - d_previous))
 
-The weight rises while the density is above the target, falls when it is below, and so settles at the value that
-holds the density at the target. It starts at 0 (pure task loss); `coef` is not used.
+The first term raises the weight while the density is above the target and lowers it below. The second holds the
+weight back while the density is already falling: under a constant weight the density keeps falling (the weight
+sets how fast it falls, not where it stops), so without it the weight is still rising when the target is reached
+and the density overshoots. With it, the density approaches the target at about gain / damping × its distance per
+step. It starts at 0 (pure task loss); `coef` is not used.
 
     controller = DensityController(config)          # config.target_density set
     loss = task_loss + controller.coef * tracker.density_loss()
@@ -30,6 +34,7 @@ class DensityController:
             raise DeftConfigError("DensityController needs DeftConfig.target_density (a fraction in (0, 1))")
         self.target = float(config.target_density)
         self.gain = float(config.controller_gain)
+        self.damping = float(config.controller_damping)
         self.coef = 0.0
         self.steps = 0
         self.last_density: float | None = None
@@ -39,7 +44,8 @@ class DensityController:
         density = float(density)
         if not math.isfinite(density) or not 0.0 <= density <= 1.0:
             raise ValueError(f"DensityController.update: density must be a fraction in [0, 1], got {density!r}")
-        self.coef = max(0.0, self.coef + self.gain * (density - self.target))
+        change = 0.0 if self.last_density is None else density - self.last_density
+        self.coef = max(0.0, self.coef + self.gain * (density - self.target) + self.damping * change)
         self.steps += 1
         self.last_density = density
         return self.coef

@@ -32,6 +32,7 @@ from reference import reference_step  # noqa: E402
 # eps well above the paper's 1e-7, so that the density term moves the gradients by a clearly measurable amount;
 # threshold > 0, so that the density of this random SiLU model (no exact zeros) is a fraction, not 1.0.
 CONFIG = DeftConfig(coef=2.0, eps=1e-3, threshold=0.02)
+TARGET_CONFIG = DeftConfig(eps=1e-3, threshold=0.02, target_density=0.3, controller_gain=2.0, controller_damping=5.0)
 LR = 1.0
 ROWS = 4
 
@@ -188,7 +189,7 @@ def run_engine(path: pathlib.Path) -> None:
 
     # target_density: the controller is fed each step's density when engine.step() advances global_steps.
     steered = lora_model()
-    steering = DeftLossHook(steered, DeftConfig(eps=1e-3, threshold=0.02, target_density=0.3, controller_gain=2.0))
+    steering = DeftLossHook(steered, TARGET_CONFIG)
     sgd = torch.optim.SGD([p for p in steered.parameters() if p.requires_grad], lr=0.01)
     controlled, *_ = deepspeed.initialize(model=steered, optimizer=sgd, config={
         "train_micro_batch_size_per_gpu": ROWS, "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,

@@ -18,7 +18,14 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from deft_common import DeftConfig, DensityTracker
+from deft_common import DeftConfig, DensityController, DensityTracker
+
+
+def controller_weights(config: DeftConfig, densities: list[float]) -> list[float]:
+    """The density weight of each step when a DensityController is fed each step's density after that step:
+    0 for the first step, then its weight after densities[0], after densities[1], ..."""
+    controller = DensityController(config)
+    return [0.0] + [controller.update(density) for density in densities[:-1]]
 
 
 def reference_step(model: nn.Module, batch: dict, config: DeftConfig, step: int = 0) -> tuple[float, dict]:

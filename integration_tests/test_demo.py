@@ -70,10 +70,16 @@ def test_demo_target_density_logs_the_controller(bert_dir, tmp_path):
     out = tmp_path / "out"
     assert run_cli("demo", "--model", bert_dir, "--data", data, "--out", out, "--steps", 4, "--batch-size", 8,
                    "--max-length", 16, "--train-size", 24, "--eval-size", 8, "--target-density", 0.5) == 0
-    history = json.loads((out / "results.json").read_text())["deft"]["history"]
-    # density ≈ 1 > target: the weight starts at 0 and rises every step by gain * (density - target)
+    results = json.loads((out / "results.json").read_text())
+    history = results["deft"]["history"]
+    # density ≈ 1 > target: the weight starts at 0 and rises every step
     coefs = [h["coef"] for h in history]
     assert coefs[0] == 0.0 and all(b > a for a, b in zip(coefs, coefs[1:]))
+    # each step logs its distance to the target (exact zeros, as the history's density); the summary averages it
+    assert [h["density_error"] for h in history] == pytest.approx([h["density"] - 0.5 for h in history], abs=2e-5)
+    controller = results["controller"]
+    assert controller["target_density"] == 0.5 and controller["last_steps"] == 4
+    assert controller["density"] == pytest.approx(sum(h["density"] for h in history) / 4, abs=2e-5)
 
 
 def test_demo_labels_missing(bert_dir, tmp_path, capsys):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from fixtures import make_batch, make_model
-from reference import assert_grads_close, lora_model, reference_step, trainable_grads
+from reference import controller_weights, assert_grads_close, lora_model, reference_step, trainable_grads
 
 from deft_common import DeftConfig, DeftConfigError, DeftLossError, DensityLossHook, DensityTracker
 from deft_deepspeed import DeftLossHook
@@ -123,7 +123,8 @@ def test_target_density_feeds_the_controller_once_per_step_of_global_step():
     target, gain = 0.3, 2.0
     batch = make_batch("llama", 4, 10, padding=True)
     model = _lora()
-    hook = DensityLossHook(model, DeftConfig(eps=1e-3, threshold=0.02, target_density=target, controller_gain=gain))
+    config = DeftConfig(eps=1e-3, threshold=0.02, target_density=target, controller_gain=gain, controller_damping=5.0)
+    hook = DensityLossHook(model, config)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     metrics, density_losses = [], []
     for step in range(3):
@@ -137,9 +138,9 @@ def test_target_density_feeds_the_controller_once_per_step_of_global_step():
         metrics.append(hook.last_metrics())
         density_losses.append(sum(losses) / 2)
     assert metrics[0]["deft/coef"] == 0.0 and metrics[0]["deft/loss"] == 0.0
+    # fed the density of both micro-batches, once per step; the term added is the new weight × density loss
+    assert [m["deft/coef"] for m in metrics] == pytest.approx(controller_weights(config, [m["deft/density"] for m in metrics]))
     for before, after, density_loss in zip(metrics, metrics[1:], density_losses[1:]):
-        # fed the density of both micro-batches, once per step; the term added is the new weight × density loss
-        assert after["deft/coef"] == pytest.approx(before["deft/coef"] + gain * (before["deft/density"] - target))
         assert after["deft/coef"] > before["deft/coef"]
         assert after["deft/loss"] == pytest.approx(after["deft/coef"] * density_loss, rel=1e-5)
     assert hook.weight.controller.steps == 2  # the last step's density feeds the next step, if any

@@ -6,6 +6,10 @@ training densities and the controller's final weight. Set up once, then start N 
 
     python docs/demo_tuning/sweep.py prepare DIR        # DIR/minilm (fp16 copy of the weights), DIR/imdb_split.json
     SWEEP_DIR=DIR GRID=3 python docs/demo_tuning/sweep.py WORKER NWORKERS OUT.jsonl
+    SWEEP_DIR=DIR python docs/demo_tuning/sweep.py 0 1 OUT.jsonl '{"mode": "global", "target": 0.88, "gain": 0.2,
+        "damping": 10, "ctl_thr": 0.0, "bias_lr": 0.05, "lr": 5e-4}'     # one setting (sweep 4)
+
+Sweep 4 ran on CPU with DIR/minilm a link to the package's own fp32 weights instead of the fp16 copy.
 """
 import itertools, json, math, sys, time, os
 import torch, transformers
@@ -99,6 +103,7 @@ def run(spec, steps=int(os.environ.get("STEPS", 300)), seed=0):
     coefs = [0.0] * nl
     k = math.log(0.01)
     hist = []
+    trace = []  # (step, density, weight, task loss) every 10 steps
     tasks = []
     model.train()
     batches = _batches(tok, ids, labels, order, s.batch_size, dev)
@@ -131,13 +136,15 @@ def run(spec, steps=int(os.environ.get("STEPS", 300)), seed=0):
                 err = d - t
                 if spec.get("down") and err < 0:
                     err *= spec["down"]
-                integ = max(0.0, integ + gain * err)
+                integ = max(0.0, integ + gain * err + spec.get("damping", 0.0) * (d - (hist[-1] if hist else d)))
                 coefs = [max(0.0, integ + spec.get("kp", 0.0) * (d - t))] * nl
             elif mode == "layer":
                 coefs = [max(0.0, c + gain * (di - t)) for c, di in zip(coefs, dens)]
             elif mode == "log":
                 k = min(math.log(100.0), max(math.log(1e-4), k + gain * (d - t)))
             hist.append(d)
+            if step % 10 == 9:
+                trace.append((step, round(d, 4), round(coefs[0] if coefs else 0.0, 3), round(tasks[-1], 3)))
     if tracker: tracker.remove()
     correct = 0
     nonfinite = 0
@@ -148,7 +155,7 @@ def run(spec, steps=int(os.environ.get("STEPS", 300)), seed=0):
     eb = _batches(tok, enc(held), [r["label"] for r in held], range(len(held)), 32, dev)
     layers = measure_density(model, eb, 1e-3, on_outputs=score, body=model.body)
     return dict(spec, acc=correct / len(held), density=mean(layers), density_thr=mean(layers, "thresholded"),
-                layers=[round(l.exact, 4) for l in layers], train_tail=(sum(hist[-20:]) / 20 if hist else None), held_ctl=(mean(layers, "thresholded") if cthr else mean(layers)), task_tail=(sum(tasks[-20:]) / 20 if tasks else None), nonfinite=nonfinite,
+                layers=[round(l.exact, 4) for l in layers], train_tail=(sum(hist[-20:]) / 20 if hist else None), held_ctl=(mean(layers, "thresholded") if cthr else mean(layers)), task_tail=(sum(tasks[-20:]) / 20 if tasks else None), nonfinite=nonfinite, trace=trace,
                 coef_end=[round(c, 4) for c in coefs] if mode in ("global", "layer") else (math.exp(k) if mode == "log" else None))
 
 

@@ -50,7 +50,7 @@ class DemoSettings:
     mlp_bias_lr: float = 0.05  # > 0: also train the MLP up-projection biases, with this learning rate
     device: str = "auto"
     threshold: float = 1e-3  # τ of the reported thresholded density |a| > τ
-    deft: DeftConfig = field(default_factory=lambda: DeftConfig(target_density=0.5))
+    deft: DeftConfig = field(default_factory=lambda: DeftConfig(target_density=0.88))
 
 
 # --------------------------------------------------------------------------------------------- one run
@@ -200,6 +200,7 @@ def train_and_evaluate(settings: DemoSettings, use_deft: bool, train: list[dict]
             entry |= {"coef": round(coef, 6), "density": round(tracker.mean_density(0.0), 5)}
             if controller:
                 controller.update(tracker.mean_density())  # at DeftConfig.threshold (0: exact zeros)
+                entry["density_error"] = round(controller.log()["deft/density_error"], 5)
             bar.set_postfix(loss=f"{entry['task_loss']:.3f}", density=f"{entry['density']:.3f}", coef=f"{coef:.3g}")
         else:
             bar.set_postfix(loss=f"{entry['task_loss']:.3f}")
@@ -369,7 +370,20 @@ def _summarise(settings: DemoSettings, runs: dict, n_train: int, n_eval: int, na
             "per_layer": [relative_reduction(a["exact"], b["exact"]) for a, b in zip(peft["layers"], deft["layers"])],
         },
         "accuracy_change_points": 100 * (deft["accuracy"] - peft["accuracy"]),
+        **({"controller": _controller_summary(settings.deft, deft["history"])}
+           if settings.deft.target_density is not None else {}),
     }
+
+
+CONTROLLER_TAIL = 20  # training steps over which the demo reports where the controller ended
+
+
+def _controller_summary(config: DeftConfig, history: list[dict]) -> dict:
+    """Where the target-density controller ended: the mean training density error of the last steps."""
+    tail = [h["density_error"] for h in history[-CONTROLLER_TAIL:]]
+    error = sum(tail) / len(tail)
+    return {"target_density": config.target_density, "threshold": config.threshold, "last_steps": len(tail),
+            "density": config.target_density + error, "density_error": error}
 
 
 def report(results: dict) -> str:
@@ -396,6 +410,11 @@ def report(results: dict) -> str:
         lines.append(f"{'  of which training (MB)':24}{peft['training_memory_increase_mb']:>12.0f}"
                      f"{deft['training_memory_increase_mb']:>12.0f}")
     lines.append(f"peak memory: {peft['peak_memory_kind']}")
+    if "controller" in results:
+        c = results["controller"]
+        measure = "exact zeros" if c["threshold"] == 0 else f"|a| > {c['threshold']:g}"
+        lines.append(f"target-density controller: target {c['target_density']:g}, training density over the last "
+                     f"{c['last_steps']} steps {c['density']:.4f} (error {c['density_error']:+.4f}; {measure})")
     if "ada" in deft:
         lines += ["", ada_report(deft["ada"])]
     return "\n".join(lines)
@@ -517,6 +536,9 @@ def add_demo_command(subparsers) -> None:
                       "for a fixed --coef (default %(default)s)")
     deft.add_argument("--controller-gain", type=float, default=d.deft.controller_gain,
                       help="step size of the target-density controller (default %(default)s)")
+    deft.add_argument("--controller-damping", type=float, default=d.deft.controller_damping,
+                      help="how much the controller holds the weight back while the density is falling "
+                      "(default %(default)s)")
     deft.add_argument("--coef", type=float, default=d.deft.coef, help="fixed density weight, used without "
                       "--target-density (default %(default)s)")
     deft.add_argument("--coef-warmup-steps", type=int, default=d.deft.coef_warmup_steps,
@@ -556,7 +578,8 @@ def demo_command(args) -> int:
     elif args.skip_budget is not None or args.skip_threshold is not None:
         raise DeftDataError("--skip-budget and --skip-threshold choose the blocks ADA-DEFT skips; add --adaptive")
     deft = DeftConfig(coef=args.coef, eps=args.eps, coef_warmup_steps=args.coef_warmup_steps,
-                      target_density=args.target_density, controller_gain=args.controller_gain, **adaptive)
+                      target_density=args.target_density, controller_gain=args.controller_gain,
+                      controller_damping=args.controller_damping, **adaptive)
     targets = args.lora_targets if args.lora_targets == "all-linear" else [t for t in args.lora_targets.split(",") if t]
     settings = DemoSettings(
         model=args.model, data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size,
