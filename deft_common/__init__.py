@@ -12,6 +12,8 @@ from .config import DeftConfig, DeftConfigError
 from .controller import DensityController
 from .density_weight import DensitySums, DensityWeight
 from .loss_hook import DeftLossError, DensityLossHook
+from .thresholds import (DeftThresholdsError, SparsityThresholds, ThresholdsHandle, apply_thresholds,
+                         calibrate_thresholds)
 from .tracker import DeftInputError, DensityTracker
 
 __version__ = "0.1.0"
@@ -23,6 +25,7 @@ __all__ = [
     "DeftConfigError",
     "DeftInputError",
     "DeftLossError",
+    "DeftThresholdsError",
     "DensityController",
     "DensityLossHook",
     "DensitySums",
@@ -30,10 +33,14 @@ __all__ = [
     "DensityWeight",
     "MlpSite",
     "SkipReport",
+    "SparsityThresholds",
+    "ThresholdsHandle",
     "__version__",
     "apply_ada_deft",
+    "apply_thresholds",
     "attach_layer_weights",
     "base_model_of",
+    "calibrate_thresholds",
     "choose_blocks_to_skip",
     "find_mlp_sites",
     "layer_weights",

@@ -221,16 +221,8 @@ class DensityTracker:
         return {n: float(a / e) for n, (a, e) in zip(names, totals.tolist()) if e}
 
     def masks_for(self, batch) -> dict[str, torch.Tensor | None]:
-        """The record() keyword arguments for a model-input batch: its attention mask, and for encoder-decoder
-        models its decoder_attention_mask or, failing that, the real label positions (labels != -100)."""
-        masks = {"attention_mask": batch.get("attention_mask")}
-        if self.is_encoder_decoder:
-            decoder_mask = batch.get("decoder_attention_mask")
-            labels = batch.get("labels")
-            if decoder_mask is None and labels is not None and batch.get("decoder_input_ids") is None:
-                decoder_mask = (labels != -100).long()
-            masks["decoder_attention_mask"] = decoder_mask
-        return masks
+        """The record() keyword arguments for a model-input batch (see `masks_for_batch`)."""
+        return masks_for_batch(batch, self.is_encoder_decoder)
 
     def stack_of(self, name: str) -> str:
         return next(site.stack for site in self.sites if site.name == name)
@@ -248,6 +240,27 @@ class DensityTracker:
             handle.remove()
         self._handles = []
         self.clear()
+
+
+def masks_for_batch(batch, is_encoder_decoder: bool) -> dict[str, torch.Tensor | None]:
+    """The real-token masks of a model-input batch, as record() takes them: its attention mask, and for
+    encoder-decoder models its decoder_attention_mask or, failing that, the real label positions (labels != -100)."""
+    masks = {"attention_mask": batch.get("attention_mask")}
+    if is_encoder_decoder:
+        decoder_mask = batch.get("decoder_attention_mask")
+        labels = batch.get("labels")
+        if decoder_mask is None and labels is not None and batch.get("decoder_input_ids") is None:
+            decoder_mask = (labels != -100).long()
+        masks["decoder_attention_mask"] = decoder_mask
+    return masks
+
+
+def real_rows(mask: torch.Tensor | None, a: torch.Tensor, site: MlpSite, stack: str, virtual_tokens: int = 0):
+    """Boolean (rows,) over a.reshape(-1, hidden): True for the rows of real tokens (None = every row is real).
+    `mask` is the (batch, seq_len) mask of `stack` ("encoder" or "decoder")."""
+    if mask is None:
+        return None
+    return DensityTracker._align_mask(mask, a, site, stack, virtual_tokens)
 
 
 def _prompt_tokens(model: nn.Module) -> int:

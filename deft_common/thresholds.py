@@ -1,0 +1,400 @@
+"""Calibrated sparsity thresholds: the sparsity a model can spend at inference.
+
+GELU and SiLU reach exact zero only by underflow, so exact zeros are not what inference can skip. Per MLP block,
+`calibrate_thresholds` finds τ, the `sparsity` quantile of |a| at the block's capture point over the real tokens of
+calibration batches; `apply_thresholds` then sets every |a| <= τ to exactly 0 in every forward (the TEAL/CATS idea).
+
+    from deft_common import DeftConfig, SparsityThresholds, calibrate_thresholds, apply_thresholds
+    th = calibrate_thresholds(model, batches, sparsity=0.9, config=DeftConfig(capture="act"))
+    th.save(DIR)                                   # DIR/deft_thresholds.json
+    handle = apply_thresholds(model, SparsityThresholds.load(DIR))   # every |a| <= τ is now exactly 0
+    handle.remove()                                # the model computes exactly what it did before
+
+With `kernel="sparse"` the thresholded blocks are also executed sparsely (deft_common.sparse_mlp).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .architectures import MlpSite, base_model_of, find_mlp_sites
+from .config import CAPTURE_POINTS, DeftConfig, DeftConfigError
+from .tracker import DeftInputError, _prompt_tokens, masks_for_batch, real_rows
+
+THRESHOLDS_FILE = "deft_thresholds.json"
+FILE_FORMAT = "deft_thresholds/1"
+KERNELS = ("mask", "sparse")
+
+# |a| is binned by log2 into BINS_PER_OCTAVE bins per factor of 2 over [2^LOWEST_OCTAVE, 2^HIGHEST_OCTAVE); exact
+# zeros are counted apart. Within a bin τ is interpolated, so τ is within one bin (a factor 2^(1/256), 0.27%) of
+# the exact quantile; values outside the range fall into the first or last bin.
+BINS_PER_OCTAVE = 256
+LOWEST_OCTAVE, HIGHEST_OCTAVE = -40, 24
+NUM_BINS = (HIGHEST_OCTAVE - LOWEST_OCTAVE) * BINS_PER_OCTAVE
+
+
+class DeftThresholdsError(DeftConfigError):
+    """Thresholds that do not fit (sparsity, file, model); the message names what is wrong and the fix."""
+
+
+@dataclass
+class SparsityThresholds:
+    """Per-MLP-block thresholds τ: at inference |a| <= τ at the block's capture point is set to 0.
+
+    thresholds: {MLP block name: τ}
+    sparsity:   {MLP block name: the fraction of zeros asked for}
+    calibrated: {MLP block name: fraction of calibration entries at or below τ (read off the histogram: exact for
+                τ = 0, e.g. a ReLU block with more exact zeros than asked; otherwise the interpolated quantile)}
+    capture:    the capture point the thresholds were calibrated at ("act" or "down_in")
+    tokens:     real tokens seen during calibration (per block: tokens × the block's width entries)
+    widths:     {MLP block name: hidden units}, to refuse the thresholds of another model
+    """
+
+    thresholds: dict[str, float]
+    sparsity: dict[str, float]
+    calibrated: dict[str, float]
+    capture: str
+    tokens: int
+    widths: dict[str, int]
+
+    # ------------------------------------------------------------------ files
+    def save(self, directory) -> pathlib.Path:
+        """Write DIRECTORY/deft_thresholds.json (the folder is created); returns the file's path."""
+        directory = pathlib.Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / THRESHOLDS_FILE
+        blocks = {name: {"threshold": tau, "sparsity": self.sparsity[name], "calibrated": self.calibrated[name],
+                         "width": self.widths[name]} for name, tau in self.thresholds.items()}
+        payload = {"format": FILE_FORMAT, "capture": self.capture, "tokens": self.tokens, "blocks": blocks}
+        path.write_text(json.dumps(payload, indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path) -> "SparsityThresholds":
+        """Read a deft_thresholds.json: `path` is the file or the folder holding it."""
+        path = pathlib.Path(path)
+        if path.is_dir():
+            path = path / THRESHOLDS_FILE
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no sparsity thresholds at {path}; write them with SparsityThresholds.save(DIR) or "
+                "`deft sparsify MODEL --data FILE.jsonl --sparsity 0.9`"
+            )
+        try:
+            payload = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise DeftThresholdsError(f"{path} is not valid JSON ({err}); calibrate again to rewrite it") from None
+        return cls._from_payload(payload, path)
+
+    @classmethod
+    def _from_payload(cls, payload, path) -> "SparsityThresholds":
+        def malformed(what: str) -> DeftThresholdsError:
+            return DeftThresholdsError(f"{path} is not a DEFT thresholds file: {what}; calibrate again to rewrite it")
+
+        if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
+            raise malformed(f"its 'format' is {payload.get('format') if isinstance(payload, dict) else None!r}, "
+                            f"expected {FILE_FORMAT!r}")
+        if payload.get("capture") not in CAPTURE_POINTS:
+            raise malformed(f"'capture' is {payload.get('capture')!r}, expected one of {CAPTURE_POINTS}")
+        blocks = payload.get("blocks")
+        if not isinstance(blocks, dict) or not blocks:
+            raise malformed("'blocks' must map MLP block names to their thresholds")
+        out = {key: {} for key in ("thresholds", "sparsity", "calibrated", "widths")}
+        for name, block in blocks.items():
+            try:
+                tau, width = float(block["threshold"]), int(block["width"])
+                out["sparsity"][name] = float(block["sparsity"])
+                out["calibrated"][name] = float(block["calibrated"])
+            except (KeyError, TypeError, ValueError):
+                raise malformed(f"block {name!r} needs numbers 'threshold', 'sparsity', 'calibrated' and 'width'") from None
+            if not tau >= 0:
+                raise malformed(f"block {name!r} has threshold {tau}, expected a number >= 0")
+            out["thresholds"][name], out["widths"][name] = tau, width
+        tokens = payload.get("tokens")
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+            raise malformed(f"'tokens' is {tokens!r}, expected a whole number >= 1")
+        return cls(capture=payload["capture"], tokens=tokens, **out)
+
+    # ----------------------------------------------------------------- checks
+    def sites_in(self, model: nn.Module) -> list[MlpSite]:
+        """The model's MLP blocks these thresholds name, in forward order; a clear error when they do not fit."""
+        sites = {site.name: site for site in find_mlp_sites(model, DeftConfig(capture=self.capture))}
+        unknown = [name for name in self.thresholds if name not in sites]
+        if unknown:
+            raise DeftThresholdsError(
+                f"these thresholds name MLP block(s) {unknown[:3]} that {type(base_model_of(model)).__name__} does "
+                f"not have (its blocks are named like {next(iter(sites))!r}): they belong to another model; "
+                "calibrate this model with calibrate_thresholds or `deft sparsify`"
+            )
+        for name in self.thresholds:
+            width = _width_of(sites[name], self.capture)
+            if width is not None and width != self.widths[name]:
+                raise DeftThresholdsError(
+                    f"MLP block {name!r} has {width} hidden units but these thresholds were calibrated on one with "
+                    f"{self.widths[name]}: they belong to another model; calibrate this model"
+                )
+        return [site for site in sites.values() if site.name in self.thresholds]
+
+    def mean_calibrated_density(self) -> float:
+        """Mean over the blocks of 1 - calibrated: the density the thresholds give on the calibration data."""
+        return sum(1.0 - c for c in self.calibrated.values()) / len(self.calibrated)
+
+
+# -------------------------------------------------------------------------------------------- calibration
+class _Histograms:
+    """Per MLP block, a log2 histogram of |a| over real entries, and the count of exact zeros (bounded memory)."""
+
+    def __init__(self, names: list[str]):
+        self.bins = {name: torch.zeros(NUM_BINS, dtype=torch.float64) for name in names}
+        self.zeros = {name: 0 for name in names}
+        self.entries = {name: 0 for name in names}
+        self.widths: dict[str, int] = {}
+
+    def add(self, name: str, a: torch.Tensor, real: torch.Tensor | None) -> None:
+        x = a.detach().reshape(-1, a.shape[-1])
+        if real is not None:
+            x = x[real]
+        x = x.abs().float().flatten()
+        self.widths[name] = a.shape[-1]
+        zeros = int((x == 0).sum())
+        index = ((torch.log2(x) - LOWEST_OCTAVE) * BINS_PER_OCTAVE).floor_().clamp_(0, NUM_BINS - 1).long()
+        counts = torch.bincount(index, minlength=NUM_BINS).to(torch.float64).cpu()
+        counts[0] -= zeros  # log2(0) = -inf landed in bin 0: the zeros are counted apart
+        self.bins[name] += counts
+        self.zeros[name] += zeros
+        self.entries[name] += x.numel()
+
+    def sum_over_processes(self) -> None:
+        """Add up every process's counts (a collective under torch.distributed)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        names = sorted(self.bins)
+        backend_device = _collective_device()
+        stacked = torch.stack([torch.cat([self.bins[n], torch.tensor([self.zeros[n], self.entries[n]],
+                                                                      dtype=torch.float64)]) for n in names])
+        stacked = stacked.to(backend_device)
+        torch.distributed.all_reduce(stacked)
+        stacked = stacked.cpu()
+        for n, row in zip(names, stacked):
+            self.bins[n], self.zeros[n], self.entries[n] = row[:NUM_BINS], int(row[-2]), int(row[-1])
+
+    def quantile(self, name: str, q: float) -> tuple[float, float]:
+        """(τ, fraction of entries at or below τ) for the q-quantile of |a|."""
+        entries, zeros = self.entries[name], self.zeros[name]
+        if q <= 0.0 or zeros >= q * entries:
+            return 0.0, zeros / entries  # e.g. a ReLU block with more exact zeros than asked: τ = 0 is enough
+        wanted = q * entries - zeros
+        cumulative = torch.cumsum(self.bins[name], 0)
+        k = int(torch.searchsorted(cumulative, torch.tensor([wanted], dtype=torch.float64))[0])
+        k = min(k, NUM_BINS - 1)
+        before = float(cumulative[k - 1]) if k else 0.0
+        inside = float(self.bins[name][k])
+        share = (wanted - before) / inside if inside else 1.0
+        tau = 2.0 ** (LOWEST_OCTAVE + (k + share) / BINS_PER_OCTAVE)  # interpolated in log space within bin k
+        return tau, q
+
+
+def calibrate_thresholds(model: nn.Module, batches: Iterable[Mapping], sparsity: float | Mapping[str, float] = 0.9,
+                         config: DeftConfig | None = None) -> SparsityThresholds:
+    """Per MLP block τ = the `sparsity` quantile of |a| at `config.capture` over the real tokens of `batches`.
+
+    model:    a plain or PEFT-wrapped HF model (fp32 or bf16); `config.layers` / `config.modules` select blocks.
+    batches:  model-input dicts (tensors are moved to the model's device); attention masks are honoured, padding
+              never counts; encoder and decoder stacks are both calibrated (decoder_attention_mask, else the real
+              label positions, as DensityTracker does).
+    sparsity: one number in [0, 1) for every block, or {block name: number} for some blocks.
+    Runs without gradients with the model in eval mode (its mode is restored). Memory stays bounded: one
+    histogram of 16,384 log-spaced bins per block, so τ is within 0.27% of the exact quantile. Under
+    torch.distributed the counts are summed over processes: every process must call it.
+    """
+    config = config if config is not None else DeftConfig()
+    if not isinstance(config, DeftConfig):
+        raise DeftConfigError(f"calibrate_thresholds needs a deft_common.DeftConfig, got {type(config).__name__}")
+    sites = find_mlp_sites(model, config)
+    wanted = _sparsity_per_block(sparsity, [site.name for site in sites])
+    sites = [site for site in sites if site.name in wanted]
+    histograms = _Histograms([site.name for site in sites])
+    base = base_model_of(model)
+    is_encoder_decoder = bool(getattr(getattr(base, "config", None), "is_encoder_decoder", False))
+    virtual_tokens = _prompt_tokens(model)
+    masks: dict[str, torch.Tensor | None] = {}
+
+    def observe(site: MlpSite, value) -> None:
+        a = value[0] if isinstance(value, (tuple, list)) else value
+        if not isinstance(a, torch.Tensor) or not a.is_floating_point():
+            return
+        stack = "decoder" if (is_encoder_decoder and site.stack == "decoder") else "encoder"
+        histograms.add(site.name, a, real_rows(masks.get(stack), a, site, stack, virtual_tokens))
+
+    handles = []
+    for site in sites:
+        module = site.capture_module(config.capture)
+        if config.capture == "act":
+            handles.append(module.register_forward_hook(lambda _m, _args, out, site=site: observe(site, out)))
+        else:
+            handles.append(module.register_forward_pre_hook(lambda _m, args, site=site: observe(site, args)))
+    was_training = model.training
+    device = _device_of(model)
+    batches_seen = 0
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in batches:
+                if not isinstance(batch, Mapping):
+                    raise DeftInputError(f"calibrate_thresholds: each batch must be a dict of model inputs, got "
+                                         f"{type(batch).__name__}")
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                found = masks_for_batch(batch, is_encoder_decoder)
+                masks = {"encoder": found.get("attention_mask"),
+                         "decoder": found.get("decoder_attention_mask" if is_encoder_decoder else "attention_mask")}
+                model(**batch)
+                batches_seen += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if not batches_seen:
+        raise DeftInputError("calibrate_thresholds got no batches; pass an iterable of model-input dicts "
+                             "(e.g. a few hundred texts tokenized with their attention masks)")
+    histograms.sum_over_processes()
+    empty = [site.name for site in sites if not histograms.entries[site.name]]
+    if empty:
+        raise DeftInputError(
+            f"calibrate_thresholds saw no real token at MLP block(s) {empty[:3]}: every attention-mask entry was 0 "
+            "or the batches never reached those blocks; pass batches with real tokens (attention_mask 1)"
+        )
+    thresholds, calibrated = {}, {}
+    for site in sites:
+        thresholds[site.name], calibrated[site.name] = histograms.quantile(site.name, wanted[site.name])
+    tokens = max(histograms.entries[site.name] // histograms.widths[site.name] for site in sites)
+    return SparsityThresholds(thresholds=thresholds, sparsity={s.name: wanted[s.name] for s in sites},
+                              calibrated=calibrated, capture=config.capture, tokens=tokens,
+                              widths={s.name: histograms.widths[s.name] for s in sites})
+
+
+def _sparsity_per_block(sparsity, names: list[str]) -> dict[str, float]:
+    def check(value, where: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise DeftThresholdsError(
+                f"sparsity{where}={value!r} must be a fraction in [0, 1): the share of activations set to zero "
+                "(e.g. 0.9); 1 would zero every activation"
+            )
+        return float(value)
+
+    if isinstance(sparsity, Mapping):
+        unknown = [name for name in sparsity if name not in names]
+        if unknown:
+            raise DeftThresholdsError(
+                f"sparsity names MLP block(s) {unknown[:3]} that the model does not have (selected blocks: "
+                f"{names[:3]}{' ...' if len(names) > 3 else ''}); use the block names of find_mlp_sites"
+            )
+        if not sparsity:
+            raise DeftThresholdsError("sparsity is an empty dict; give a number for every block or name some blocks")
+        return {name: check(value, f"[{name!r}]") for name, value in sparsity.items()}
+    value = check(sparsity, "")
+    return {name: value for name in names}
+
+
+# -------------------------------------------------------------------------------------------- application
+class ThresholdsHandle:
+    """What `apply_thresholds` returns: `remove()` takes the thresholds off again (also as a context manager)."""
+
+    def __init__(self, model: nn.Module, thresholds: SparsityThresholds, kernel: str, handles: list):
+        self.model, self.thresholds, self.kernel = model, thresholds, kernel
+        self._handles = handles
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if getattr(base_model_of(self.model), _APPLIED, None) is self:
+            delattr(base_model_of(self.model), _APPLIED)
+
+    def __enter__(self) -> "ThresholdsHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+_APPLIED = "_deft_thresholds_handle"  # set on the base model while thresholds are applied
+
+
+def apply_thresholds(model: nn.Module, thresholds: SparsityThresholds, kernel: str = "mask") -> ThresholdsHandle:
+    """From now on every |a| <= τ at each thresholded block's capture point is exactly 0 (inference and training
+    forwards alike). kernel="mask" only zeroes; kernel="sparse" also skips the work behind the zeros
+    (deft_common.sparse_mlp). `handle.remove()` restores the model exactly."""
+    if not isinstance(thresholds, SparsityThresholds):
+        raise DeftThresholdsError(f"apply_thresholds needs SparsityThresholds (calibrate_thresholds or "
+                                  f"SparsityThresholds.load), got {type(thresholds).__name__}")
+    if kernel not in KERNELS:
+        raise DeftThresholdsError(f"apply_thresholds: kernel={kernel!r} is unknown; use 'mask' (zero the entries) "
+                                  "or 'sparse' (zero them and skip their multiply-adds)")
+    base = base_model_of(model)
+    if getattr(base, _APPLIED, None) is not None:
+        raise DeftThresholdsError("thresholds are already applied to this model; call .remove() on the handle "
+                                  "apply_thresholds returned before applying others")
+    sites = thresholds.sites_in(model)
+    handles = []
+    try:
+        for site in sites:
+            tau = thresholds.thresholds[site.name]
+            if kernel == "sparse":
+                from .sparse_mlp import install_sparse_mlp
+
+                handles.append(install_sparse_mlp(model, site, tau, thresholds.capture))
+            else:
+                handles.append(_mask_hook(site, tau, thresholds.capture))
+    except BaseException:
+        for handle in handles:
+            handle.remove()
+        raise
+    handle = ThresholdsHandle(model, thresholds, kernel, handles)
+    setattr(base, _APPLIED, handle)
+    return handle
+
+
+def zero_at_or_below(a: torch.Tensor, tau: float) -> torch.Tensor:
+    """`a` with every entry |a| <= tau set to exactly 0: the one rule both kernels follow."""
+    return a.masked_fill(a.abs() <= tau, 0.0)
+
+
+def _mask_hook(site: MlpSite, tau: float, capture: str):
+    module = site.capture_module(capture)
+    if capture == "act":
+        return module.register_forward_hook(lambda _m, _args, out: _zeroed(out, tau))
+    return module.register_forward_pre_hook(lambda _m, args: _zeroed(args, tau))
+
+
+def _zeroed(value, tau: float):
+    if isinstance(value, (tuple, list)):
+        if not value or not isinstance(value[0], torch.Tensor):
+            return None
+        return (zero_at_or_below(value[0], tau), *value[1:])
+    return zero_at_or_below(value, tau) if isinstance(value, torch.Tensor) else None
+
+
+def _width_of(site: MlpSite, capture: str) -> int | None:
+    """Hidden units at the capture point: the down-projection's input size (None when it is not a known layer)."""
+    down = getattr(site.down, "base_layer", site.down)  # PEFT LoRA wraps the projection
+    for attr in ("in_features", "nx"):  # nn.Linear (and bitsandbytes' subclasses); GPT-2's Conv1D
+        value = getattr(down, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _collective_device() -> torch.device:
+    backend = torch.distributed.get_backend()
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
