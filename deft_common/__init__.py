@@ -12,14 +12,14 @@ from .config import DeftConfig, DeftConfigError
 from .controller import DensityController
 from .density_weight import DensitySums, DensityWeight
 from .loss_hook import DeftLossError, DensityLossHook
-from .thresholds import (DeftThresholdsError, SparsityThresholds, ThresholdsHandle, apply_thresholds,
-                         calibrate_thresholds)
+from .thresholds import (ActivationHistograms, DeftThresholdsError, SparsityThresholds, ThresholdsHandle,
+                         apply_thresholds, calibrate_thresholds, measure_histograms)
 from .tracker import DeftInputError, DensityTracker
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdaptiveLayerWeights",
+    "ActivationHistograms",    "AdaptiveLayerWeights",
     "DeftCheckpointingError",
     "DeftConfig",
     "DeftConfigError",
@@ -46,6 +46,7 @@ __all__ = [
     "layer_weights",
     "load_layer_weights",
     "make_checkpointing_non_reentrant",
+    "measure_histograms",
     "save_layer_weights",
     "skip_mlp_blocks",
     "uses_reentrant_checkpointing",

@@ -147,10 +147,11 @@ class SparsityThresholds:
 
 
 # -------------------------------------------------------------------------------------------- calibration
-class _Histograms:
+class ActivationHistograms:
     """Per MLP block, a log2 histogram of |a| over real entries, and the count of exact zeros (bounded memory)."""
 
-    def __init__(self, names: list[str]):
+    def __init__(self, names: list[str], capture: str):
+        self.capture = capture
         self.bins = {name: torch.zeros(NUM_BINS, dtype=torch.float64) for name in names}
         self.zeros = {name: 0 for name in names}
         self.entries = {name: 0 for name in names}
@@ -199,6 +200,16 @@ class _Histograms:
         tau = 2.0 ** (LOWEST_OCTAVE + (k + share) / BINS_PER_OCTAVE)  # interpolated in log space within bin k
         return tau, q
 
+    def thresholds(self, sparsity: float | Mapping[str, float]) -> SparsityThresholds:
+        """SparsityThresholds at `sparsity` (a number for every block, or {block name: number})."""
+        wanted = _sparsity_per_block(sparsity, list(self.bins))
+        thresholds, calibrated = {}, {}
+        for name, q in wanted.items():
+            thresholds[name], calibrated[name] = self.quantile(name, q)
+        return SparsityThresholds(thresholds=thresholds, sparsity=wanted, calibrated=calibrated, capture=self.capture,
+                                  tokens=max(self.entries[n] // self.widths[n] for n in wanted),
+                                  widths={n: self.widths[n] for n in wanted})
+
 
 def calibrate_thresholds(model: nn.Module, batches: Iterable[Mapping], sparsity: float | Mapping[str, float] = 0.9,
                          config: DeftConfig | None = None) -> SparsityThresholds:
@@ -213,13 +224,18 @@ def calibrate_thresholds(model: nn.Module, batches: Iterable[Mapping], sparsity:
     histogram of 16,384 log-spaced bins per block, so τ is within 0.27% of the exact quantile. Under
     torch.distributed the counts are summed over processes: every process must call it.
     """
-    config = config if config is not None else DeftConfig()
-    if not isinstance(config, DeftConfig):
-        raise DeftConfigError(f"calibrate_thresholds needs a deft_common.DeftConfig, got {type(config).__name__}")
+    config = _checked_config(config)
+    _sparsity_per_block(sparsity, [site.name for site in find_mlp_sites(model, config)])  # fail before any forward
+    return measure_histograms(model, batches, config).thresholds(sparsity)
+
+
+def measure_histograms(model: nn.Module, batches: Iterable[Mapping], config: DeftConfig | None = None
+                       ) -> "ActivationHistograms":
+    """One calibration pass (see calibrate_thresholds), kept so that thresholds for several sparsities come from
+    the same pass: `measure_histograms(model, batches, config).thresholds(0.9)`."""
+    config = _checked_config(config)
     sites = find_mlp_sites(model, config)
-    wanted = _sparsity_per_block(sparsity, [site.name for site in sites])
-    sites = [site for site in sites if site.name in wanted]
-    histograms = _Histograms([site.name for site in sites])
+    histograms = ActivationHistograms([site.name for site in sites], config.capture)
     base = base_model_of(model)
     is_encoder_decoder = bool(getattr(getattr(base, "config", None), "is_encoder_decoder", False))
     virtual_tokens = _prompt_tokens(model)
@@ -247,8 +263,7 @@ def calibrate_thresholds(model: nn.Module, batches: Iterable[Mapping], sparsity:
         with torch.no_grad():
             for batch in batches:
                 if not isinstance(batch, Mapping):
-                    raise DeftInputError(f"calibrate_thresholds: each batch must be a dict of model inputs, got "
-                                         f"{type(batch).__name__}")
+                    raise DeftInputError(f"calibration batches must be dicts of model inputs, got {type(batch).__name__}")
                 batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 found = masks_for_batch(batch, is_encoder_decoder)
                 masks = {"encoder": found.get("attention_mask"),
@@ -260,22 +275,23 @@ def calibrate_thresholds(model: nn.Module, batches: Iterable[Mapping], sparsity:
             handle.remove()
         model.train(was_training)
     if not batches_seen:
-        raise DeftInputError("calibrate_thresholds got no batches; pass an iterable of model-input dicts "
+        raise DeftInputError("calibration got no batches; pass an iterable of model-input dicts "
                              "(e.g. a few hundred texts tokenized with their attention masks)")
     histograms.sum_over_processes()
     empty = [site.name for site in sites if not histograms.entries[site.name]]
     if empty:
         raise DeftInputError(
-            f"calibrate_thresholds saw no real token at MLP block(s) {empty[:3]}: every attention-mask entry was 0 "
+            f"calibration saw no real token at MLP block(s) {empty[:3]}: every attention-mask entry was 0 "
             "or the batches never reached those blocks; pass batches with real tokens (attention_mask 1)"
         )
-    thresholds, calibrated = {}, {}
-    for site in sites:
-        thresholds[site.name], calibrated[site.name] = histograms.quantile(site.name, wanted[site.name])
-    tokens = max(histograms.entries[site.name] // histograms.widths[site.name] for site in sites)
-    return SparsityThresholds(thresholds=thresholds, sparsity={s.name: wanted[s.name] for s in sites},
-                              calibrated=calibrated, capture=config.capture, tokens=tokens,
-                              widths={s.name: histograms.widths[s.name] for s in sites})
+    return histograms
+
+
+def _checked_config(config: DeftConfig | None) -> DeftConfig:
+    config = config if config is not None else DeftConfig()
+    if not isinstance(config, DeftConfig):
+        raise DeftConfigError(f"calibration needs a deft_common.DeftConfig, got {type(config).__name__}")
+    return config
 
 
 def _sparsity_per_block(sparsity, names: list[str]) -> dict[str, float]:
