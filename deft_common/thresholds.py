@@ -15,6 +15,7 @@ With `kernel="sparse"` the thresholded blocks are also executed sparsely (deft_c
 
 from __future__ import annotations
 
+import itertools
 import json
 import pathlib
 from collections.abc import Iterable, Mapping
@@ -41,6 +42,10 @@ NUM_BINS = (HIGHEST_OCTAVE - LOWEST_OCTAVE) * BINS_PER_OCTAVE
 
 class DeftThresholdsError(DeftConfigError):
     """Thresholds that do not fit (sparsity, file, model); the message names what is wrong and the fix."""
+
+
+class ThresholdsFileNotFound(DeftThresholdsError, FileNotFoundError):
+    """No deft_thresholds.json where one was asked for."""
 
 
 @dataclass
@@ -82,7 +87,7 @@ class SparsityThresholds:
         if path.is_dir():
             path = path / THRESHOLDS_FILE
         if not path.is_file():
-            raise FileNotFoundError(
+            raise ThresholdsFileNotFound(
                 f"no sparsity thresholds at {path}; write them with SparsityThresholds.save(DIR) or "
                 "`deft sparsify MODEL --data FILE.jsonl --sparsity 0.9`"
             )
@@ -414,3 +419,21 @@ def _device_of(model: nn.Module) -> torch.device:
 def _collective_device() -> torch.device:
     backend = torch.distributed.get_backend()
     return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------------ end of training
+def save_inference_thresholds(model: nn.Module, batches: Iterable[Mapping], config: DeftConfig, directory,
+                              write: bool = True) -> dict[str, float]:
+    """What every adapter does when training ends, with `config.inference_sparsity` set: calibrate on the first
+    `config.calibration_batches` of `batches` (training batches) and write DIRECTORY/deft_thresholds.json beside
+    the saved model (only where `write`; under torch.distributed every process calibrates, the counts are
+    summed, one process writes). Returns what to log: {"deft/inference_sparsity": s, "deft/calibrated_density":
+    mean density of the thresholded blocks on the calibration batches}; {} when inference_sparsity is None."""
+    sparsity = config.inference_sparsity
+    if sparsity is None:
+        return {}
+    thresholds = calibrate_thresholds(model, itertools.islice(batches, config.calibration_batches), sparsity, config)
+    if write:
+        thresholds.save(directory)
+    return {"deft/inference_sparsity": float(sparsity),
+            "deft/calibrated_density": thresholds.mean_calibrated_density()}
