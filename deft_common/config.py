@@ -97,8 +97,6 @@ class DeftConfig:
         self.modules = _normalise_patterns("modules", self.modules)
 
     def _check_adaptive(self) -> None:
-        from .adaptive import check_budget, check_threshold  # the same rules as at selection time
-
         if not isinstance(self.adaptive, bool):
             raise DeftConfigError(f"DeftConfig.adaptive={self.adaptive!r} must be true or false")
         _check_number("adaptive_temperature", self.adaptive_temperature, minimum=0.0, strict=True,
@@ -112,9 +110,9 @@ class DeftConfig:
             raise DeftConfigError("DeftConfig: give either skip_budget or skip_threshold, not both")
         try:
             if self.skip_budget is not None:
-                check_budget(self.skip_budget)
+                check_skip_budget(self.skip_budget)
             if self.skip_threshold is not None:
-                check_threshold(self.skip_threshold)
+                check_skip_threshold(self.skip_threshold)
         except DeftConfigError as err:
             raise DeftConfigError(f"DeftConfig: {err}") from None
 
@@ -150,6 +148,27 @@ def _check_number(name: str, value: Any, minimum: float, fix: str, strict: bool 
     if value != value or value < minimum or (strict and value == minimum):
         relation = ">" if strict else ">="
         raise DeftConfigError(f"DeftConfig.{name}={value!r} must be {relation} {minimum:g}; {fix}")
+
+
+def check_skip_budget(budget) -> None:
+    """The rule of DeftConfig.skip_budget, also applied when blocks are chosen (block_skip.py)."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget != budget:
+        raise DeftConfigError(f"skip budget {budget!r} must be a number of MLP blocks (int >= 1) or a fraction in (0, 1)")
+    if isinstance(budget, int) and budget < 1:
+        raise DeftConfigError(f"skip budget {budget!r} must be at least 1 block (or a fraction in (0, 1))")
+    if isinstance(budget, float) and not 0.0 < budget < 1.0:
+        raise DeftConfigError(
+            f"skip budget {budget!r} must be a fraction in (0, 1) of the MLP blocks, or a whole number of blocks (e.g. 2)"
+        )
+
+
+def check_skip_threshold(threshold) -> None:
+    """The rule of DeftConfig.skip_threshold, also applied when blocks are chosen (block_skip.py)."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
+        raise DeftConfigError(
+            f"skip threshold {threshold!r} must be a positive weight; the weights have mean 1 over the blocks, "
+            "so e.g. 1.5 skips blocks that got 1.5x the average density pressure"
+        )
 
 
 def _normalise_patterns(name: str, value: Any) -> list[str] | None:
