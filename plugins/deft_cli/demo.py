@@ -526,31 +526,29 @@ def add_demo_command(subparsers) -> None:
     p.add_argument("--threshold", type=float, default=d.threshold,
                    help=f"τ of the reported thresholded density |a| > τ (default {d.threshold:g})")
     deft = p.add_argument_group("DEFT settings (deft_common.DeftConfig)")
-    deft.add_argument("--target-density", type=_optional_float, default=d.deft.target_density,
-                      help="steer the density weight so the training density converges to this fraction; 'none' "
-                      "for a fixed --coef (default %(default)s)")
-    deft.add_argument("--controller-gain", type=float, default=d.deft.controller_gain,
-                      help="step size of the target-density controller (default %(default)s)")
-    deft.add_argument("--controller-damping", type=float, default=d.deft.controller_damping,
-                      help="how much the controller holds the weight back while the density is falling "
-                      "(default %(default)s)")
-    deft.add_argument("--coef", type=float, default=d.deft.coef, help="fixed density weight, used without "
-                      "--target-density (default %(default)s)")
-    deft.add_argument("--coef-warmup-steps", type=int, default=d.deft.coef_warmup_steps,
-                      help="ramp the fixed weight up over this many steps (default %(default)s)")
-    deft.add_argument("--eps", type=float, default=d.deft.eps, help="ε of the surrogate a²/(a²+ε) (default %(default)g)")
+    add_config_option(deft, "target_density", d.deft, type=_optional_float,
+                      note=f"default {d.deft.target_density:g}; 'none' for a fixed --coef")
+    for name, kind in (("controller_gain", float), ("controller_damping", float), ("coef", float),
+                       ("coef_warmup_steps", int), ("eps", float)):
+        add_config_option(deft, name, d.deft, type=kind)
     ada = p.add_argument_group("ADA-DEFT (deft_common.adaptive)")
     ada.add_argument("--adaptive", action="store_true",
                      help="train the DEFT run with learnable per-layer weights (ADA-DEFT), then skip the MLP blocks "
                      "they choose and compare accuracy, runtime and memory of the skipped vs the unskipped model")
-    ada.add_argument("--skip-budget", type=_skip_budget, default=None,
-                     help=f"MLP blocks to skip: a number (2) or a fraction (0.5) (default {ADA_SKIP_BUDGET} "
-                     "unless --skip-threshold is given)")
-    ada.add_argument("--skip-threshold", type=float, default=None,
-                     help="instead of a budget: skip the blocks whose weight (mean 1) is at least this")
-    ada.add_argument("--adaptive-temperature", type=float, default=d.deft.adaptive_temperature,
-                     help="τ of ADA-DEFT: smaller concentrates the density pressure on fewer blocks (default %(default)g)")
+    add_config_option(ada, "skip_budget", d.deft, type=_skip_budget,
+                      note=f"default {ADA_SKIP_BUDGET} unless --skip-threshold is given")
+    add_config_option(ada, "skip_threshold", d.deft, type=float)
+    add_config_option(ada, "adaptive_temperature", d.deft, type=float)
     p.set_defaults(handler=demo_command)
+
+
+def add_config_option(group, name: str, defaults: DeftConfig, type, note: str | None = None) -> None:
+    """--<name> for the DeftConfig field `name`: its help is the field's own (DeftConfig.help), then the demo's
+    default, or `note` when it says more."""
+    default = getattr(defaults, name)
+    note = note or (f"default {default:g}" if isinstance(default, float) else f"default {default}")
+    group.add_argument(f"--{name.replace('_', '-')}", type=type, default=default,
+                       help=f"{DeftConfig.help(name)} ({note})".replace("%", "%%"))
 
 
 def _skip_budget(text: str) -> int | float:
