@@ -33,8 +33,9 @@ from deft_common import DeftConfig, DensityLossEngine, DensityTracker, find_mlp_
 
 from .data import DeftDataError, check_model_dir, default_model_dir, reports_errors
 from .demo import (ADA_SKIP_BUDGET, DemoSettings, _batches, _check_model, _load_records, _skip_budget, build_classifier,
-                   in_subprocess, train_and_evaluate)
+                   train_and_evaluate)
 from .measure import median, memory_kind, paired_ratio, peak_increase_bytes, resident_bytes, timed
+from .processes import in_subprocess
 
 VARIANTS = ("peft", "deft", "naive")
 TARGETS = {  # issue 5; paper anchor for ADA-DEFT: Flan-T5-XL, -8.79% runtime, -17.46% memory

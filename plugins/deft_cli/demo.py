@@ -6,11 +6,9 @@ term. Each run trains in a fresh subprocess, so its peak memory is its own. Defa
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import datetime
 import json
-import multiprocessing
 import pathlib
 import resource
 import sys
@@ -25,6 +23,7 @@ from deft_common import DeftConfig, DensityLossEngine
 from .data import (DeftDataError, check_model_dir, default_model_dir, label_ids, load_imdb, read_jsonl,
                    reports_errors, split)
 from .density import LayerDensity, format_table, mean, measure_density, relative_reduction
+from .processes import in_subprocess
 
 DEFAULT_TARGETS = ["query", "value", "dense"]
 ADA_SKIP_BUDGET = 0.5  # `deft demo --adaptive`: skip half of the MLP blocks unless told otherwise
@@ -315,13 +314,6 @@ def _check_model(settings: DemoSettings, num_labels: int) -> None:
         from deft_common.block_skip import budget_to_count
 
         budget_to_count(settings.deft.skip_budget, len(sites))  # a budget the model cannot meet fails now, not after training
-
-
-def in_subprocess(fn, *args):
-    """fn(*args) in a fresh interpreter: its peak memory is its own, and runs cannot disturb each other."""
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(fn, *args).result()
 
 
 def run_demo(settings: DemoSettings) -> dict:
