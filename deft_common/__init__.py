@@ -4,13 +4,15 @@ Torch only. Finds each architecture's MLP activations, measures their density an
 that the framework adapters (deft_hf, deft_trl, deft_axolotl, deft_deepspeed) add to the task loss.
 """
 
-from .adaptive import (AdaptiveLayerWeights, SkipReport, apply_ada_deft, attach_layer_weights, choose_blocks_to_skip,
-                       layer_weights, load_layer_weights, save_layer_weights, skip_mlp_blocks)
+from .adaptive_weights import (AdaptiveLayerWeights, attach_layer_weights, layer_weights, load_layer_weights,
+                               save_layer_weights)
 from .architectures import MlpSite, base_model_of, find_mlp_sites
+from .block_skip import SkipReport, apply_ada_deft, choose_blocks_to_skip, skip_mlp_blocks
 from .checkpointing import DeftCheckpointingError, make_checkpointing_non_reentrant, uses_reentrant_checkpointing
 from .config import DeftConfig, DeftConfigError
 from .controller import DensityController
 from .density_weight import DensitySums, DensityWeight
+from .loss_engine import DensityLossEngine
 from .loss_hook import DeftLossError, DensityLossHook
 from .thresholds import (ActivationHistograms, DeftThresholdsError, SparsityThresholds, ThresholdsHandle,
                          apply_thresholds, calibrate_thresholds, measure_histograms)
@@ -27,6 +29,7 @@ __all__ = [
     "DeftLossError",
     "DeftThresholdsError",
     "DensityController",
+    "DensityLossEngine",
     "DensityLossHook",
     "DensitySums",
     "DensityTracker",

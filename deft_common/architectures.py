@@ -63,11 +63,40 @@ def _stack_of(name: str) -> str:
     return "decoder"  # decoder stacks of encoder-decoders, and every decoder-only LM
 
 
-def _as_site(name: str, module: nn.Module) -> MlpSite | None:
-    # BERT / RoBERTa layer: act(dense(x)) lives in `intermediate`, the down-projection is `output.dense`.
-    intermediate, output = getattr(module, "intermediate", None), getattr(module, "output", None)
+def split_mlp(block: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(intermediate, output) of a BERT / RoBERTa layer, whose MLP is split over these two siblings:
+    act(dense(x)) lives in `intermediate`, the down-projection is `output.dense`. None for any other block."""
+    intermediate, output = getattr(block, "intermediate", None), getattr(block, "output", None)
     if isinstance(intermediate, nn.Module) and isinstance(getattr(output, "dense", None), nn.Module):
-        return MlpSite(name, _stack_of(name), _child(intermediate, ACTIVATION_ATTRS), output.dense)
+        return intermediate, output
+    return None
+
+
+def down_projection(block: nn.Module) -> nn.Module | None:
+    """The down-projection of an MLP block (a BERT-style layer's `output.dense`), or None."""
+    split = split_mlp(block)
+    return split[1].dense if split is not None else _child(block, DOWN_PROJ_ATTRS)
+
+
+def up_projection(block: nn.Module) -> nn.Module | None:
+    """The layer that feeds an MLP block's activation (a BERT-style layer's `intermediate.dense`; for gated MLPs
+    the first of gate/up), or None."""
+    split = split_mlp(block)
+    if split is not None:
+        dense = getattr(split[0], "dense", None)
+        return dense if isinstance(dense, nn.Module) else None
+    return _child(block, UP_PROJ_ATTRS)
+
+
+def unwrapped(layer: nn.Module) -> nn.Module:
+    """The layer under a LoRA wrapper (`base_layer`, which holds the weight and bias), else the layer itself."""
+    return getattr(layer, "base_layer", layer)
+
+
+def _as_site(name: str, module: nn.Module) -> MlpSite | None:
+    split = split_mlp(module)
+    if split is not None:
+        return MlpSite(name, _stack_of(name), _child(split[0], ACTIVATION_ATTRS), split[1].dense)
     down = _child(module, DOWN_PROJ_ATTRS)
     if down is None:
         return None

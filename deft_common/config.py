@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 CAPTURE_POINTS = ("act", "down_in")
@@ -24,48 +24,65 @@ class DeftConfigError(ValueError):
 
 @dataclass
 class DeftConfig:
-    """Settings of the density loss and the density metric.
+    """Settings of the density loss and the density metric. Each field's meaning is its `help` metadata
+    (`DeftConfig.help(name)`), which the README's configuration table, the Axolotl schema and `deft demo --help`
+    show; a new field is added here, with its help, and as a row of the README table."""
 
-    coef:       λ, the weight of the density term: loss = task loss + coef * density loss (paper: 1.0).
-    eps:        ε of the surrogate s(a) = a² / (a² + ε) (paper: 1e-7).
-    threshold:  τ of the density metric: an entry counts as active when |a| > τ (0 = exact non-zeros, the paper's metric).
-    capture:    "act" = output of the MLP activation module (paper-faithful);
-                "down_in" = input of the MLP down-projection (the true pattern of gated MLPs; survives fused MLPs).
-    layers:     which MLP layers: None (all), an index, a list of indices, a range ("2-5" inclusive, "2:5" Python-style,
-                or `range(2, 6)`), or a regular expression matched against the MLP block's module name
-                (e.g. "decoder" for the decoder stack of T5).
-    modules:    for architectures DEFT does not know: regular expression(s) naming the modules to hook directly
-                (their output for capture="act", their input for capture="down_in"), e.g. r"blocks\\.\\d+\\.ffn\\.act".
-    coef_warmup_steps: linearly ramp coef from 0 to its value over this many optimizer steps (0 = no ramp).
-    target_density: instead of a fixed coef, steer the weight every step so the measured mean density (at `threshold`)
-                converges to this fraction (see deft_common.controller.DensityController); coef is then not used.
-    controller_gain, controller_damping: how the controller moves the weight each step:
-                coef += gain * (density - target) + damping * (density - previous step's density).
-    adaptive:   ADA-DEFT: learnable per-layer weights on the density terms, trained with the PEFT parameters
-                (deft_common.adaptive); after training they choose the MLP blocks to skip at inference.
-    adaptive_temperature: τ of ADA-DEFT's KL term; the weights settle near softmax(-density / τ) over the blocks
-                (smaller = concentrate the pressure on fewer blocks).
-    adaptive_logit_scale: k, logits = k × the stored parameter, so an optimizer step of size lr moves them by k × lr.
-    skip_budget: MLP blocks ADA-DEFT skips at inference: a number (int >= 1) or a fraction in (0, 1), the blocks
-                with the largest weights.
-    skip_threshold: instead of a budget: skip every block whose weight (mean 1 over the blocks) is >= this.
-    """
-
-    coef: float = 1.0
-    eps: float = 1e-7
-    threshold: float = 0.0
-    capture: str = "act"
-    layers: Any = None
-    modules: Any = None
-    coef_warmup_steps: int = 0
-    target_density: float | None = None
-    controller_gain: float = 0.2  # gain and damping: measured on the demo job (docs/demo_tuning, sweep 4)
-    controller_damping: float = 10.0
-    adaptive: bool = False
-    adaptive_temperature: float = 0.3
-    adaptive_logit_scale: float = 100.0
-    skip_budget: int | float | None = None
-    skip_threshold: float | None = None
+    coef: float = field(default=1.0, metadata={"help": (
+        'λ, the weight of the density term: loss = task loss + coef × density loss (paper: 1.0). `0` only '
+        'measures density.'
+    )})
+    eps: float = field(default=1e-7, metadata={"help": (
+        'ε of the surrogate s(a) = a² / (a² + ε) (paper: 1e-7).'
+    )})
+    threshold: float = field(default=0.0, metadata={"help": (
+        "τ of the density metric: an entry counts as active when |a| > τ (0 = exact non-zeros, the paper's "
+        'metric).'
+    )})
+    capture: str = field(default="act", metadata={"help": (
+        '`"act"`: output of the MLP activation module (as in the paper); `"down_in"`: input of the MLP '
+        'down-projection (the true pattern of gated MLPs; works with fused MLPs).'
+    )})
+    layers: Any = field(default=None, metadata={"help": (
+        'which MLP layers: `None` (all), an index, a list of indices, a range (`"2-5"` inclusive, `"2:5"` '
+        "Python-style, or `range(2, 6)`), or a regular expression matched against the MLP block's module name "
+        '(e.g. `"decoder"`).'
+    )})
+    modules: Any = field(default=None, metadata={"help": (
+        'for architectures DEFT does not know: regular expression(s) naming the modules to hook directly.'
+    )})
+    coef_warmup_steps: int = field(default=0, metadata={"help": (
+        'linearly ramp `coef` from 0 to its value over this many optimizer steps (0 = no ramp).'
+    )})
+    target_density: float | None = field(default=None, metadata={"help": (
+        'instead of a fixed `coef`, steer the weight so the measured mean density (at `threshold`) moves to '
+        'this fraction (the target-density controller, deft_common.controller); `coef` is then not used.'
+    )})
+    controller_gain: float = field(default=0.2, metadata={"help": (
+        'how fast the target-density controller moves the weight: coef += gain × (density − target) + damping '
+        '× (density − previous density) per optimizer step.'
+    )})  # gain and damping: measured on the demo job (docs/demo_tuning, sweep 4)
+    controller_damping: float = field(default=10.0, metadata={"help": (
+        'how much the controller holds the weight back while the density is falling (0 = plain dual ascent).'
+    )})
+    adaptive: bool = field(default=False, metadata={"help": (
+        'ADA-DEFT: learnable per-layer weights on the density terms, trained with the PEFT parameters; after '
+        'training they choose the MLP blocks to skip at inference.'
+    )})
+    adaptive_temperature: float = field(default=0.3, metadata={"help": (
+        "τ of ADA-DEFT's KL term: the weights settle near softmax(−density / τ); smaller concentrates the "
+        'pressure on fewer blocks.'
+    )})
+    adaptive_logit_scale: float = field(default=100.0, metadata={"help": (
+        'k: logits = k × the stored parameter, so an optimizer step of size lr moves them by about k × lr.'
+    )})
+    skip_budget: int | float | None = field(default=None, metadata={"help": (
+        'MLP blocks ADA-DEFT skips at inference: a number (`2`) or a fraction (`0.5`) of them, largest '
+        'weights first.'
+    )})
+    skip_threshold: float | None = field(default=None, metadata={"help": (
+        'instead of a budget: skip the blocks whose weight (mean 1) is at least this.'
+    )})
 
     def __post_init__(self) -> None:
         _check_number("coef", self.coef, minimum=0.0, fix="use 0 to only measure density, or a positive weight such as 1.0")
@@ -97,8 +114,6 @@ class DeftConfig:
         self.modules = _normalise_patterns("modules", self.modules)
 
     def _check_adaptive(self) -> None:
-        from .adaptive import check_budget, check_threshold  # the same rules as at selection time
-
         if not isinstance(self.adaptive, bool):
             raise DeftConfigError(f"DeftConfig.adaptive={self.adaptive!r} must be true or false")
         _check_number("adaptive_temperature", self.adaptive_temperature, minimum=0.0, strict=True,
@@ -112,11 +127,19 @@ class DeftConfig:
             raise DeftConfigError("DeftConfig: give either skip_budget or skip_threshold, not both")
         try:
             if self.skip_budget is not None:
-                check_budget(self.skip_budget)
+                check_skip_budget(self.skip_budget)
             if self.skip_threshold is not None:
-                check_threshold(self.skip_threshold)
+                check_skip_threshold(self.skip_threshold)
         except DeftConfigError as err:
             raise DeftConfigError(f"DeftConfig: {err}") from None
+
+    @classmethod
+    def help(cls, name: str) -> str:
+        """What the field `name` means (its `help` metadata): the one description of each setting."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if name not in fields:
+            raise DeftConfigError(f"DeftConfig has no field {name!r}; its fields are {list(fields)}")
+        return fields[name].metadata["help"]
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -150,6 +173,27 @@ def _check_number(name: str, value: Any, minimum: float, fix: str, strict: bool 
     if value != value or value < minimum or (strict and value == minimum):
         relation = ">" if strict else ">="
         raise DeftConfigError(f"DeftConfig.{name}={value!r} must be {relation} {minimum:g}; {fix}")
+
+
+def check_skip_budget(budget) -> None:
+    """The rule of DeftConfig.skip_budget, also applied when blocks are chosen (block_skip.py)."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget != budget:
+        raise DeftConfigError(f"skip budget {budget!r} must be a number of MLP blocks (int >= 1) or a fraction in (0, 1)")
+    if isinstance(budget, int) and budget < 1:
+        raise DeftConfigError(f"skip budget {budget!r} must be at least 1 block (or a fraction in (0, 1))")
+    if isinstance(budget, float) and not 0.0 < budget < 1.0:
+        raise DeftConfigError(
+            f"skip budget {budget!r} must be a fraction in (0, 1) of the MLP blocks, or a whole number of blocks (e.g. 2)"
+        )
+
+
+def check_skip_threshold(threshold) -> None:
+    """The rule of DeftConfig.skip_threshold, also applied when blocks are chosen (block_skip.py)."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
+        raise DeftConfigError(
+            f"skip threshold {threshold!r} must be a positive weight; the weights have mean 1 over the blocks, "
+            "so e.g. 1.5 skips blocks that got 1.5x the average density pressure"
+        )
 
 
 def _normalise_patterns(name: str, value: Any) -> list[str] | None:

@@ -22,6 +22,7 @@ import torch
 
 from .config import DeftConfig, DeftConfigError
 from .controller import DensityController
+from .distributed import sum_over_processes
 from .tracker import DensityTracker
 
 
@@ -78,9 +79,7 @@ class DensitySums:
         vector[-2] = self.term
         vector[-1] = self.terms
         self.clear()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(vector)
-        values = vector.tolist()
+        values = sum_over_processes(vector).tolist()
         active, entries, term, terms = values[:n], values[n : 2 * n], values[-2], values[-1]
         return WindowTotals(layers=[a / e if e else None for a, e in zip(active, entries)],
                             term=term / terms if terms else None)

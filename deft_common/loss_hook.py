@@ -30,7 +30,8 @@ from torch import nn
 
 from .architectures import base_model_of
 from .config import DeftConfig
-from .density_weight import DensitySums, DensityWeight
+from .density_weight import DensityWeight
+from .loss_engine import DensityLossEngine
 from .tracker import DensityTracker
 
 
@@ -56,10 +57,11 @@ class DensityLossHook:
     term_scale:   optional `f(forward kwargs) -> float`, a factor on the term that undoes how the caller scales the
                   loss afterwards (e.g. the HF Trainer's num_items_in_batch normalisation); default 1.
     measure_eval: also record evaluation forwards (module in eval mode, `labels` given), which only measure
-                  density; a subclass reads them in `_measured_eval()`.
+                  density (the engine's "eval" window).
+    engine:       the DensityLossEngine that computes the term and keeps the metrics windows.
 
-    Framework adapters subclass it and override the small steps of a forward: `_measured` (metrics of a training
-    forward), `_measured_eval`, `_adding` (the term about to be added), `_no_loss_error`.
+    Framework adapters subclass it and override the small steps of a forward: `_adding` (the term about to be
+    added), `_no_loss_error`.
     """
 
     def __init__(
@@ -70,15 +72,13 @@ class DensityLossHook:
         measure_eval: bool = False,
     ):
         self.model = model
-        self.tracker = DensityTracker(model, config)
-        self.config = self.tracker.config
-        self.weight = DensityWeight(self.config, len(self.tracker.sites), _device_of(model))
+        self.engine = DensityLossEngine(model, config)
+        self.config = self.engine.config
         self.term_scale = term_scale
         self.measure_eval = measure_eval
         self.global_step = 0
         self._record = None  # the open tracker.record() of the running forward
         self._mode = None  # "train" or "eval" for that forward
-        self._sums = DensitySums(len(self.tracker.sites))  # training forwards since last_metrics()
         self._handles = [
             model.register_forward_pre_hook(self._start, with_kwargs=True),
             # always_call: the recording is closed even when the forward raises.
@@ -95,7 +95,7 @@ class DensityLossHook:
         inputs = _named_inputs(module, args, kwargs)
         if not training and inputs.get("labels") is None:
             return  # an evaluation forward without labels (generate()): nothing to measure
-        record = self.tracker.record(**self.tracker.masks_for(inputs))
+        record = self.engine.recording(inputs)
         record.__enter__()
         self._record, self._mode = record, "train" if training else "eval"
 
@@ -108,12 +108,9 @@ class DensityLossHook:
         if outputs is None:
             return None  # the forward raised; its own error propagates
         if mode == "eval":
-            self._measured_eval()
+            self.engine.measured_eval()
             return None
-        coef = self.weight.coef(self.global_step)
-        term = coef * self.tracker.density_loss()
-        self.weight.observe(self.tracker)
-        self._measured(term, coef)
+        term = self.engine.term(self.global_step)
         scale = 1.0 if self.term_scale is None else float(self.term_scale(kwargs))
         if self.weight.measures_only or scale == 0:
             return None  # measuring only (coef=0): outputs as the model made them
@@ -124,14 +121,15 @@ class DensityLossHook:
         self._adding(added)
         return _with_loss(outputs, (loss + added).to(loss.dtype))
 
+    @property
+    def tracker(self) -> DensityTracker:
+        return self.engine.tracker
+
+    @property
+    def weight(self) -> DensityWeight:
+        return self.engine.weight
+
     # ------------------------------------------------------ steps for subclasses
-    def _measured(self, term: torch.Tensor, coef: float) -> None:
-        """A training forward was recorded; `term` = coef × its density loss."""
-        self._sums.add(self.tracker, term)
-
-    def _measured_eval(self) -> None:
-        """An evaluation forward was recorded (measure_eval=True)."""
-
     def _adding(self, added: torch.Tensor) -> None:
         """`added` (the scaled term) is about to be added to outputs.loss."""
 
@@ -150,12 +148,7 @@ class DensityLossHook:
         target_density the controller's keys) when it changes over training, and with DeftConfig(adaptive=True)
         the ADA-DEFT weights of the last forward (deft/adaptive_weight/<block>). Empty when nothing was recorded
         anywhere. A collective when torch.distributed is initialised: every process must call it."""
-        totals = self._sums.pop(_device_of(self.model))
-        if totals.density is None:
-            return {}
-        metrics = {"deft/density": totals.density, "deft/loss": totals.term if totals.term is not None else 0.0}
-        adaptive = self.tracker.adaptive.log() if self.tracker.adaptive is not None else {}
-        return {**metrics, **self.weight.log(), **adaptive}
+        return self.engine.pop_metrics("train", per_block=False)
 
     def density(self, threshold: float | None = None) -> dict[str, float]:
         """{MLP block name: density} of the last training forward on this process."""
@@ -170,7 +163,7 @@ class DensityLossHook:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self.tracker.remove()
+        self.engine.remove()
 
 
 def _named_inputs(module: nn.Module, args: tuple, kwargs: dict) -> dict:
@@ -206,7 +199,3 @@ def _with_loss(outputs, loss: torch.Tensor):
         return type(outputs)([loss, *outputs[1:]]) if type(outputs) in (tuple, list) else (loss, *outputs[1:])
     return loss
 
-
-def _device_of(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .adaptive import attach_layer_weights
+from .adaptive_weights import attach_layer_weights
 from .architectures import MlpSite, base_model_of, find_mlp_sites
 from .checkpointing import REENTRANT_FIX, DeftCheckpointingError, check_checkpointing
 from .config import DeftConfig, DeftConfigError
+from .distributed import is_distributed, sum_over_processes
 from .surrogate import density_tap
 
 
@@ -60,7 +61,7 @@ class DensityTracker:
         self._masks: dict[str, torch.Tensor | None] = {}
         self._pad_rows_cache: dict[tuple, tuple[torch.Tensor | None, int]] = {}
         self._records: dict[str, _LayerRecord] = {}
-        # ADA-DEFT: the learnable per-layer weights live on the model (see deft_common.adaptive).
+        # ADA-DEFT: the learnable per-layer weights live on the model (see deft_common.adaptive_weights).
         self.adaptive = attach_layer_weights(model, self.config, self.sites) if self.config.adaptive else None
         self._handles = [self._hook(site) for site in self.sites]
 
@@ -176,7 +177,7 @@ class DensityTracker:
 
     def density_loss(self) -> torch.Tensor:
         """Mean over layers of the per-layer mean of s(a) = a²/(a²+ε) over real tokens (fp32 scalar).
-        With DeftConfig(adaptive=True): the ADA-DEFT weighted form (deft_common.adaptive)."""
+        With DeftConfig(adaptive=True): the ADA-DEFT weighted form (deft_common.adaptive_weights)."""
         layer_losses = self.layer_losses()
         if self.adaptive is not None and layer_losses:
             if self._grad_expected and not self.adaptive.logits.requires_grad:
@@ -213,11 +214,10 @@ class DensityTracker:
         """`density()` over every process: counts are summed with torch.distributed when it is initialised.
         Every process must call it (it is a collective)."""
         counts = self.layer_counts(threshold)
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        if not is_distributed():
             return {name: active / entries for name, (active, entries) in counts.items()}
         names = [site.name for site in self.sites]
-        totals = torch.tensor([counts.get(n, (0, 0)) for n in names], dtype=torch.float64)
-        torch.distributed.all_reduce(totals)
+        totals = sum_over_processes(torch.tensor([counts.get(n, (0, 0)) for n in names], dtype=torch.float64))
         return {n: float(a / e) for n, (a, e) in zip(names, totals.tolist()) if e}
 
     def masks_for(self, batch) -> dict[str, torch.Tensor | None]:

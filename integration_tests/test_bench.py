@@ -11,8 +11,8 @@ import torch
 from fixtures import make_tokenizer, write_labelled_jsonl
 
 pytest.importorskip("peft")
-from deft_hf.bench import naive_and_deft_losses  # noqa: E402
-from deft_hf.demo import DemoSettings  # noqa: E402
+from deft_cli.bench import naive_and_deft_losses  # noqa: E402
+from deft_cli.demo import DemoSettings  # noqa: E402
 from test_demo import bert_dir, run_cli  # noqa: E402, F401  (the demo test's fixture model, reused)
 
 TINY_JOB = ["--batch-size", 4, "--max-length", 16, "--train-size", 24, "--eval-size", 8]

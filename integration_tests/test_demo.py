@@ -14,7 +14,7 @@ import torch
 from fixtures import make_model, make_tokenizer, save_model_dir, write_labelled_jsonl, write_text_jsonl
 
 pytest.importorskip("peft")
-from deft_hf.cli import main  # noqa: E402
+from deft_cli.cli import main  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ Sweep 4 ran on CPU with DIR/minilm a link to the package's own fp32 weights inst
 """
 import itertools, json, math, sys, time, os
 import torch, transformers
-from deft_common import DeftConfig, DensityTracker
-from deft_hf.demo import DemoSettings, build_classifier, _batches
-from deft_hf.density import measure_density, mean
+from deft_common import DeftConfig, DensityController, DensityLossEngine
+from deft_cli.demo import DemoSettings, build_classifier, _batches
+from deft_cli.density import measure_density, mean
 
 HERE = os.environ.get("SWEEP_DIR", os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,7 +24,7 @@ def prepare(folder):
     """The demo's IMDB split, and a half-precision copy of all-MiniLM-L6-v2 (small enough to ship to a GPU box)."""
     import pathlib, shutil
     from safetensors.torch import load_file, save_file
-    from deft_hf.data import default_model_dir, load_imdb, split
+    from deft_cli.data import default_model_dir, load_imdb, split
     src, dst = default_model_dir(), pathlib.Path(folder, "minilm")
     dst.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
@@ -93,15 +93,17 @@ def run(spec, steps=int(os.environ.get("STEPS", 300)), seed=0):
     epochs = -(-steps * s.batch_size // len(train))
     order = [i for _ in range(epochs) for i in torch.randperm(len(train), generator=g).tolist()]
     mode = spec["mode"]
+    if mode == "layer":
+        raise ValueError("mode 'layer' (one weight per MLP block, sweeps 1-2) ran with the sweep.py of commit 706ec60")
     cthr = spec.get("ctl_thr", 0.0)
-    cfg = DeftConfig(coef=spec.get("coef", 1.0), eps=spec.get("eps", 1e-7), threshold=cthr)
-    integ = 0.0
-    tracker = DensityTracker(model.body, cfg) if mode != "none" else None
+    target = spec.get("target") if mode in ("global", "log") else None
+    cfg = DeftConfig(coef=spec.get("coef", 1.0), eps=spec.get("eps", 1e-7), threshold=cthr, target_density=target,
+                     controller_gain=spec.get("gain", 0.2), controller_damping=spec.get("damping", 0.0))
+    engine = DensityLossEngine(model.body, cfg, dev) if mode != "none" else None
+    if engine is not None and target is not None:
+        engine.weight.controller = SweepController(cfg, spec) if mode == "global" else LogController(cfg)
     opt = torch.optim.AdamW(model.parameter_groups(), lr=s.learning_rate, weight_decay=0.0)
     sch = transformers.get_linear_schedule_with_warmup(opt, int(0.06 * steps), steps)
-    nl = len(tracker.sites) if tracker else 0
-    coefs = [0.0] * nl
-    k = math.log(0.01)
     hist = []
     trace = []  # (step, density, weight, task loss) every 10 steps
     tasks = []
@@ -109,43 +111,23 @@ def run(spec, steps=int(os.environ.get("STEPS", 300)), seed=0):
     batches = _batches(tok, ids, labels, order, s.batch_size, dev)
     for step in range(steps):
         b = next(batches)
-        if tracker is not None and spec.get("eps_end"):
-            tracker.config.eps = spec["eps"] * (spec["eps_end"] / spec["eps"]) ** (step / (steps - 1))
-        if tracker is None:
+        if engine is not None and spec.get("eps_end"):
+            engine.config.eps = spec["eps"] * (spec["eps_end"] / spec["eps"]) ** (step / (steps - 1))
+        if engine is None:
             loss = model(**b).loss
         else:
-            with tracker.record(**tracker.masks_for(b)):
+            with engine.recording(b):
                 task = model(**b).loss
-            ll = list(tracker.layer_losses().values())
-            if mode == "const":
-                w = [cfg.coef] * nl
-            elif mode == "global":
-                w = [coefs[0]] * nl
-            elif mode == "layer":
-                w = coefs
-            elif mode == "log":
-                w = [math.exp(k)] * nl
-            loss = task + sum(wi * li for wi, li in zip(w, ll)) / nl
+            loss = task + engine.term(step)
             tasks.append(task.item())
         loss.backward(); opt.step(); sch.step(); opt.zero_grad(set_to_none=True)
-        if tracker is not None:
-            dens = list(tracker.density(cthr).values())
-            d = sum(dens) / len(dens)
-            t, gain = spec.get("target"), spec.get("gain")
-            if mode == "global":
-                err = d - t
-                if spec.get("down") and err < 0:
-                    err *= spec["down"]
-                integ = max(0.0, integ + gain * err + spec.get("damping", 0.0) * (d - (hist[-1] if hist else d)))
-                coefs = [max(0.0, integ + spec.get("kp", 0.0) * (d - t))] * nl
-            elif mode == "layer":
-                coefs = [max(0.0, c + gain * (di - t)) for c, di in zip(coefs, dens)]
-            elif mode == "log":
-                k = min(math.log(100.0), max(math.log(1e-4), k + gain * (d - t)))
+        if engine is not None:
+            engine.end_step()
+            d = engine.tracker.mean_density(cthr)
             hist.append(d)
             if step % 10 == 9:
-                trace.append((step, round(d, 4), round(coefs[0] if coefs else 0.0, 3), round(tasks[-1], 3)))
-    if tracker: tracker.remove()
+                trace.append((step, round(d, 4), round(engine.weight.controller.coef if target else cfg.coef, 3), round(tasks[-1], 3)))
+    if engine: engine.remove()
     correct = 0
     nonfinite = 0
     def score(batch, o):
@@ -156,7 +138,48 @@ def run(spec, steps=int(os.environ.get("STEPS", 300)), seed=0):
     layers = measure_density(model, eb, 1e-3, on_outputs=score, body=model.body)
     return dict(spec, acc=correct / len(held), density=mean(layers), density_thr=mean(layers, "thresholded"),
                 layers=[round(l.exact, 4) for l in layers], train_tail=(sum(hist[-20:]) / 20 if hist else None), held_ctl=(mean(layers, "thresholded") if cthr else mean(layers)), task_tail=(sum(tasks[-20:]) / 20 if tasks else None), nonfinite=nonfinite, trace=trace,
-                coef_end=[round(c, 4) for c in coefs] if mode in ("global", "layer") else (math.exp(k) if mode == "log" else None))
+                coef_end=coef_end(engine, mode))
+
+
+def coef_end(engine, mode):
+    """The controller's final weight, as the sweeps recorded it (a list of one per block for `global`)."""
+    if mode == "global":
+        return [round(engine.weight.controller.coef, 4)] * len(engine.tracker.sites)
+    return engine.weight.controller.coef if mode == "log" else None
+
+
+class SweepController(DensityController):
+    """DensityController (dual ascent with damping) plus sweep 3-4's variants: `kp`, a proportional term on the error
+    on top of the integral; `down`, a faster fall of the weight below the target."""
+
+    def __init__(self, config, spec):
+        super().__init__(config)
+        self.kp, self.down, self.integral = spec.get("kp", 0.0), spec.get("down"), 0.0
+
+    def update(self, density):
+        error = density - self.target
+        if self.down and error < 0:
+            error *= self.down
+        change = 0.0 if self.last_density is None else density - self.last_density
+        self.integral = max(0.0, self.integral + self.gain * error + self.damping * change)
+        self.coef = max(0.0, self.integral + self.kp * (density - self.target))
+        self.steps, self.last_density = self.steps + 1, density
+        return self.coef
+
+
+class LogController(DensityController):
+    """Sweep 1-2's multiplicative controller: the log of the weight moves by gain × error, within [1e-4, 100]."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.log_coef = math.log(0.01)
+        self.coef = math.exp(self.log_coef)
+
+    def update(self, density):
+        self.log_coef = min(math.log(100.0), max(math.log(1e-4), self.log_coef + self.gain * (density - self.target)))
+        self.coef = math.exp(self.log_coef)
+        self.steps, self.last_density = self.steps + 1, density
+        return self.coef
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
       capture: act
 
 The block's keys are the fields of `deft_common.DeftConfig` (read from the dataclass, so a new field appears
-here by itself) plus `enabled`. Pydantic coerces YAML values to the field types (PyYAML reads `1e-7` as a
+here by itself, described by its `help`) plus `enabled`. Pydantic coerces YAML values to the field types (PyYAML reads `1e-7` as a
 string); DeftConfig itself checks the values, so every adapter rejects the same settings with the same message.
 Unknown keys are an error: Axolotl's own schema silently drops keys it does not know.
 """
@@ -57,8 +57,7 @@ def _deft_fields() -> dict[str, tuple[Any, Any]]:
     fields = {}
     for field in dataclasses.fields(DeftConfig):
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        description = f"DeftConfig.{field.name}"
-        fields[field.name] = (hints.get(field.name, Any), Field(default=default, description=description))
+        fields[field.name] = (hints.get(field.name, Any), Field(default=default, description=DeftConfig.help(field.name)))
     return fields
 
 

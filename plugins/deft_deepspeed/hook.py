@@ -20,7 +20,6 @@ exactly like the task loss, under every ZeRO stage. This module adds what DeepSp
 
 from __future__ import annotations
 
-import contextlib
 import pathlib
 import sys
 import weakref
@@ -28,8 +27,8 @@ import weakref
 import torch
 from torch import nn
 
-import deft_common
 from deft_common import DeftConfig, DeftConfigError, layer_weights
+from deft_common.adaptive_weights import save_gathered_layer_weights
 from deft_common.loss_hook import DensityLossHook
 
 # deepspeed 0.19.8 (PR #8245) divides the whole loss by GAS once and keeps the output hooks from scaling again.
@@ -95,27 +94,12 @@ def save_layer_weights(model: nn.Module, directory, write: bool | None = None) -
     """deft_common.save_layer_weights for a model a DeepSpeed engine trains: under ZeRO-3 the weights are partitioned,
     so they are gathered first, a collective that every rank must call. `write`: whether this process writes the
     file (default: rank 0 only when torch.distributed is initialised). Returns the path written, or None."""
-    weights = layer_weights(model)
-    if weights is None:
+    if layer_weights(model) is None:
         raise DeftConfigError(
             "save_layer_weights: the model has no ADA-DEFT weights; build "
             "DeftLossHook(model, DeftConfig(adaptive=True)) before deepspeed.initialize"
         )
-    if write is None:
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        write = not distributed or torch.distributed.get_rank() == 0
-    with gathered(weights.logits):
-        return deft_common.save_layer_weights(model, directory) if write else None
-
-
-def gathered(param: torch.Tensor, modifier_rank: int | None = None):
-    """A context in which a ZeRO-3 partitioned `param` holds its full data (a no-op for any other tensor); with
-    `modifier_rank`, that rank's changes are written back to every partition on exit."""
-    if not hasattr(param, "ds_id"):
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters([param], modifier_rank=modifier_rank)
+    return save_gathered_layer_weights(model, directory, write=write)
 
 
 def _calling_engine():

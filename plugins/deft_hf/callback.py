@@ -136,7 +136,7 @@ class DeftCallback(TrainerCallback):
         if self.hook is None or self.hook.model is not model:
             self.remove()
             self.hook = _TrainerLossHook(self, model)
-            self.metrics = DeftMetrics(self.hook.weight)
+            self.metrics = DeftMetrics(self.hook.engine)
         # First in line, so that on_log adds the metrics before the reporting callbacks see `logs`. Moving the
         # current callback to the front during the event's loop shifts only callbacks that already ran.
         callbacks = trainer.callback_handler.callbacks
@@ -155,7 +155,7 @@ class DeftCallback(TrainerCallback):
 class _TrainerLossHook(DensityLossHook):
     """deft_common.DensityLossHook on trainer.model, driven by the Trainer: the weight follows
     trainer.state.global_step, the term is scaled for the Trainer's gradient-accumulation and multi-process
-    handling, metrics go to the callback's DeftMetrics, and evaluation forwards with labels are measured."""
+    handling, and evaluation forwards with labels are measured (the callback's DeftMetrics reads the windows)."""
 
     def __init__(self, callback: DeftCallback, model):
         self.callback = callback
@@ -172,12 +172,6 @@ class _TrainerLossHook(DensityLossHook):
             )
         self.global_step = self.callback.trainer.state.global_step
         super()._start(module, args, kwargs)
-
-    def _measured(self, term, coef):
-        self.callback.metrics.add("train", self.tracker, term, device=self.callback.trainer.args.device)
-
-    def _measured_eval(self):
-        self.callback.metrics.add("eval", self.tracker, device=self.callback.trainer.args.device)
 
     def _adding(self, added):
         if added.requires_grad:  # on_step_end checks that backward reached it

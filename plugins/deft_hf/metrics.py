@@ -1,9 +1,9 @@
 """DEFT metrics for the Trainer's logs: density and density loss since the last log, summed over every process.
 
 Each recorded forward pass adds its active / real entry counts per MLP layer (and, in training, its density term)
-to a window, one for training and one for evaluation (deft_common.DensitySums: tensors, so a forward costs no device
-sync and no collective). `for_log(logs)` sums the matching window over every process, turns it into log keys and
-empties it; the Trainer logs on every process, so that collective is reached everywhere:
+to a window of the run's deft_common.DensityLossEngine, one for training and one for evaluation (tensors, so a
+forward costs no device sync and no collective). `for_log(logs)` sums the matching window over every process, turns
+it into log keys and empties it; the Trainer logs on every process, so that collective is reached everywhere:
 
     deft/density              mean over layers of the fraction of active entries (|a| > threshold, real tokens only)
     deft/density/<layer>      the same per MLP block (its module name)
@@ -21,58 +21,26 @@ from __future__ import annotations
 
 import re
 
-import torch
-
-from deft_common import DensitySums, DensityTracker, DensityWeight
+from deft_common.loss_engine import DensityLossEngine
 
 _RUNTIME_KEY = re.compile(r"^(.+)_runtime$")
 
 
 class DeftMetrics:
-    """weight: the DensityWeight of the run, whose log() (deft/coef, ...) joins each training log."""
+    """The Trainer's view of the metrics windows of `engine` (the DensityLossEngine of the run): which window a log
+    gets."""
 
-    def __init__(self, weight: DensityWeight | None = None):
-        self.weight = weight
-        self._windows: dict[str, tuple[list[str], DensitySums] | None] = {"train": None, "eval": None}
-        self._adaptive = None  # the ADA-DEFT weights module of the last training tracker, when it has one
-        self._device = None
-
-    def add(self, mode: str, tracker: DensityTracker, term: torch.Tensor | None = None, device=None) -> None:
-        """Add the last `tracker.record()` to the "train" or "eval" window. `term`: the density term of that forward
-        (training only)."""
-        layers = [site.name for site in tracker.sites]
-        window = self._windows[mode]
-        if window is None or window[0] != layers:
-            window = self._windows[mode] = (layers, DensitySums(len(layers)))
-        window[1].add(tracker, term)
-        self._device = device
-        if mode == "train":
-            self._adaptive = tracker.adaptive
+    def __init__(self, engine: DensityLossEngine | None = None):
+        self.engine = engine
 
     def clear(self, mode: str) -> None:
-        self._windows[mode] = None
+        if self.engine is not None:
+            self.engine.clear(mode)
 
     def pop(self, mode: str, prefix: str = "") -> dict[str, float]:
         """The window's metrics as log keys (`prefix` + "deft/..."), and an empty window. A collective when
         torch.distributed is initialised (when any process recorded in this mode, every process must call it)."""
-        window = self._windows[mode]
-        self.clear(mode)
-        if window is None:
-            return {}
-        layers, sums = window
-        totals = sums.pop(self._device if self._device is not None else "cpu")
-        per_layer = {name: value for name, value in zip(layers, totals.layers) if value is not None}
-        out = {}
-        if totals.density is not None:
-            out[f"{prefix}deft/density"] = totals.density
-        if totals.term is not None:
-            out[f"{prefix}deft/loss"] = totals.term
-        if mode == "train" and self.weight is not None:
-            out.update(self.weight.log())
-        if mode == "train" and self._adaptive is not None:
-            out.update(self._adaptive.log())
-        out.update({f"{prefix}deft/density/{name}": value for name, value in per_layer.items()})
-        return out
+        return {} if self.engine is None else self.engine.pop_metrics(mode, prefix)
 
     def for_log(self, logs: dict) -> dict[str, float]:
         """The metrics that belong in `logs`: the evaluation window for an evaluation log (recognised by its

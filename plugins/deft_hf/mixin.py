@@ -29,9 +29,10 @@ eval_deft/... keys (DeftCallback does).
 
 Public attributes, for code that builds on the mixin:
     deft_config    the DeftConfig in use (constructor keyword `deft_config`, else the class attribute, else defaults)
-    deft_tracker   the DensityTracker on `trainer.model`; its hooks stay for the trainer's lifetime (`.remove()`)
-    deft_weight    the DensityWeight giving each step's coef (`.controller` with target_density)
-    deft_metrics   the DeftMetrics windows merged into the logs
+    deft_engine    the DensityLossEngine computing each micro-batch's density term and keeping the metrics windows
+    deft_tracker   its DensityTracker on `trainer.model`; its hooks stay for the trainer's lifetime (`.remove()`)
+    deft_weight    its DensityWeight giving each step's coef (`.controller` with target_density)
+    deft_metrics   the DeftMetrics merging the windows into the logs
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from __future__ import annotations
 import torch
 
 from deft_common import DeftConfig, DeftConfigError, DensityTracker, DensityWeight
+from deft_common.loss_engine import DensityLossEngine
 
 from .metrics import DeftMetrics
 from .trainer_support import (TrainerResumeState, check_layer_weights_in_optimizer, density_term_scale,
@@ -62,21 +64,23 @@ class DeftTrainerMixin:
             )
         super().__init__(*args, **kwargs)
         self.deft_config = config
-        self.deft_tracker = DensityTracker(self.model, config)  # after super(): TRL wraps the model in PEFT there
-        self.deft_weight = DensityWeight(config, len(self.deft_tracker.sites), self.args.device)
-        self.deft_metrics = DeftMetrics(self.deft_weight)
+        self.deft_engine = DensityLossEngine(self.model, config, self.args.device)  # after super(): TRL wraps the
+        self.deft_metrics = DeftMetrics(self.deft_engine)                            # model in PEFT there
         self._deft_resume = TrainerResumeState(self, lambda: self.deft_weight)
         disable_ignored_loss_kwargs(self)
         self._deft_checked_optimizer = None  # the optimizer check_layer_weights_in_optimizer last passed
 
-    def _deft_current_tracker(self) -> DensityTracker:
-        if self.deft_tracker.model is not self.model:  # the Trainer swapped its model (model_init, FSDP wrapping)
-            self.deft_tracker.remove()
-            self.deft_tracker = DensityTracker(self.model, self.deft_config)
-        return self.deft_tracker
+    @property
+    def deft_tracker(self) -> DensityTracker:
+        return self.deft_engine.tracker
+
+    @property
+    def deft_weight(self) -> DensityWeight:
+        return self.deft_engine.weight
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        tracker = self._deft_current_tracker()
+        engine = self.deft_engine
+        engine.track(self.model)  # a new tracker when the Trainer swapped its model (model_init, FSDP wrapping)
         training = model.training and torch.is_grad_enabled()
         if training:
             self._deft_resume.restore_if_resumed()
@@ -84,19 +88,16 @@ class DeftTrainerMixin:
             if self.optimizer is not self._deft_checked_optimizer:
                 check_layer_weights_in_optimizer(self)
                 self._deft_checked_optimizer = self.optimizer
-        masks = tracker.masks_for(inputs)  # before super(): Trainer pops the labels for label smoothing
-        with tracker.record(**masks):
+        with engine.recording(inputs):  # masks read before super(): Trainer pops the labels for label smoothing
             result = super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
         if not training:
-            self.deft_metrics.add("eval", tracker, device=self.args.device)
+            engine.measured_eval()
             return result
         loss, outputs = result if return_outputs else (result, None)
-        term = self.deft_weight.coef(self.state.global_step) * tracker.density_loss()
-        self.deft_weight.observe(tracker)
-        loss = loss + term * density_term_scale(self, num_items_in_batch, inside_model_loss=False)
-        self.deft_metrics.add("train", tracker, term, device=self.args.device)
+        scale = density_term_scale(self, num_items_in_batch, inside_model_loss=False)
+        loss = loss + engine.term(self.state.global_step) * scale
         return (loss, outputs) if return_outputs else loss
 
     def save_model(self, output_dir=None, _internal_call=False):

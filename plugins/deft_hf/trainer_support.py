@@ -19,8 +19,8 @@ import transformers
 from torch import nn
 
 from deft_common import DeftConfigError, DensityWeight, base_model_of, layer_weights, make_checkpointing_non_reentrant
-from deft_deepspeed.hook import gathered
-from deft_deepspeed.hook import save_layer_weights as save_gathered
+from deft_common.adaptive_weights import save_gathered_layer_weights
+from deft_common.distributed import gathered
 
 logger = logging.getLogger("deft_hf")
 
@@ -161,7 +161,7 @@ def save_layer_weights_with_model(trainer, output_dir) -> None:
     """ADA-DEFT: write the layer weights beside what `trainer.save_model(output_dir)` saved (a PEFT adapter keeps
     adapter weights only). Every process calls it: under DeepSpeed ZeRO-3 the weights are gathered first."""
     if layer_weights(trainer.model) is not None:
-        save_gathered(trainer.model, output_dir, write=trainer.args.should_save)  # gathering: a no-op unless ZeRO-3
+        save_gathered_layer_weights(trainer.model, output_dir, write=trainer.args.should_save)
 
 
 RESUME_STATE_KEY = "DeftTrainingState"  # in TrainerState.stateful_callbacks, i.e. in each checkpoint's trainer_state.json

@@ -7,7 +7,7 @@
    same batch, in rotating order), warm-up steps are dropped; a time ratio is the median over steps of the
    per-step ratio (the two steps ran back to back), with a bootstrap 95% interval. Memory is the
    peak of torch's allocator during a step plus the model's parameters, buffers and optimizer state
-   (deft_hf.measure); the three models share the process, but each one's peak is measured on its own step.
+   (deft_cli.measure); the three models share the process, but each one's peak is measured on its own step.
    The naive loss masks padding like deft_common does, so both compute the same number (tested).
 2. ADA-DEFT: the demo's DEFT run with DeftConfig(adaptive=True) in a fresh process; the blocks its weights
    choose are skipped, and the skipped and unskipped models are compared on held-out texts: accuracy, forward
@@ -29,12 +29,13 @@ from dataclasses import dataclass
 
 import torch
 
-from deft_common import DeftConfig, DensityTracker, find_mlp_sites
+from deft_common import DeftConfig, DensityLossEngine, DensityTracker, find_mlp_sites
 
 from .data import DeftDataError, check_model_dir, default_model_dir, reports_errors
 from .demo import (ADA_SKIP_BUDGET, DemoSettings, _batches, _check_model, _load_records, _skip_budget, build_classifier,
-                   in_subprocess, train_and_evaluate)
+                   train_and_evaluate)
 from .measure import median, memory_kind, paired_ratio, peak_increase_bytes, resident_bytes, timed
+from .processes import in_subprocess
 
 VARIANTS = ("peft", "deft", "naive")
 TARGETS = {  # issue 5; paper anchor for ADA-DEFT: Flan-T5-XL, -8.79% runtime, -17.46% memory
@@ -108,14 +109,14 @@ class _Variant:
         self.tokenizer, self.model = build_classifier(settings, num_labels)
         self.model.to(device).train()
         self.optimizer = torch.optim.AdamW(self.model.parameter_groups(), lr=settings.learning_rate, weight_decay=0.0)
-        self.tracker = DensityTracker(self.model.body, DeftConfig(coef=1.0, eps=eps)) if name == "deft" else None
+        self.engine = DensityLossEngine(self.model.body, DeftConfig(coef=1.0, eps=eps)) if name == "deft" else None
         self.naive = NaiveDeft(self.model.body, eps) if name == "naive" else None
 
     def loss(self, batch: dict) -> torch.Tensor:
-        if self.tracker is not None:
-            with self.tracker.record(**self.tracker.masks_for(batch)):
+        if self.engine is not None:
+            with self.engine.recording(batch):
                 task = self.model(**batch).loss
-            return task + self.tracker.density_loss()  # coef 1
+            return task + self.engine.term(step=0)  # a fixed coef 1: the step does not matter
         task = self.model(**batch).loss
         return task if self.naive is None else task + self.naive.loss(batch["attention_mask"])
 

@@ -6,11 +6,9 @@ term. Each run trains in a fresh subprocess, so its peak memory is its own. Defa
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import datetime
 import json
-import multiprocessing
 import pathlib
 import resource
 import sys
@@ -20,11 +18,12 @@ from types import SimpleNamespace
 
 import torch
 
-from deft_common import DeftConfig, DensityController
+from deft_common import DeftConfig, DensityLossEngine
 
 from .data import (DeftDataError, check_model_dir, default_model_dir, label_ids, load_imdb, read_jsonl,
                    reports_errors, split)
 from .density import LayerDensity, format_table, mean, measure_density, relative_reduction
+from .processes import in_subprocess
 
 DEFAULT_TARGETS = ["query", "value", "dense"]
 ADA_SKIP_BUDGET = 0.5  # `deft demo --adaptive`: skip half of the MLP blocks unless told otherwise
@@ -133,15 +132,13 @@ class MeanPoolClassifier(torch.nn.Module):
 def _mlp_up_biases(body) -> list:
     """The bias of the layer that feeds each MLP activation (BERT's intermediate.dense, GPT-2's c_fc, ...)."""
     from deft_common import base_model_of, find_mlp_sites
-    from deft_common.architectures import UP_PROJ_ATTRS
+    from deft_common.architectures import unwrapped, up_projection
 
     base = base_model_of(body)
     biases = []
     for site in find_mlp_sites(body, DeftConfig(coef=0.0)):
-        block = base.get_submodule(site.name)
-        intermediate = getattr(block, "intermediate", None)
-        up = getattr(intermediate, "dense", None) or next((getattr(block, a) for a in UP_PROJ_ATTRS if hasattr(block, a)), None)
-        up = getattr(up, "base_layer", up)  # under a LoRA wrapper
+        up = up_projection(base.get_submodule(site.name))
+        up = unwrapped(up) if up is not None else None  # the bias sits under a LoRA wrapper
         if isinstance(getattr(up, "bias", None), torch.nn.Parameter):
             biases.append(up.bias)
     return biases
@@ -152,8 +149,6 @@ def train_and_evaluate(settings: DemoSettings, use_deft: bool, train: list[dict]
     """Fine-tune with LoRA (plus the density term when use_deft), then score accuracy and density on held_out."""
     import transformers
     from tqdm.auto import tqdm
-
-    from deft_common import DensityTracker
 
     name = "DEFT" if use_deft else "PEFT"
     device = settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -167,10 +162,9 @@ def train_and_evaluate(settings: DemoSettings, use_deft: bool, train: list[dict]
     epochs = -(-settings.steps * settings.batch_size // len(train))
     order = [i for _ in range(epochs) for i in torch.randperm(len(train), generator=generator).tolist()]
 
-    # Plain PEFT trains without any hook; DEFT adds the tracker, and the controller when a target is set.
+    # Plain PEFT trains without any hook; DEFT adds the loss engine (tracker, weight or controller, term).
     config = settings.deft
-    tracker = DensityTracker(model.body, config) if use_deft else None
-    controller = DensityController(config) if use_deft and config.target_density is not None else None
+    engine = DensityLossEngine(model.body, config, device) if use_deft else None
     optimizer = torch.optim.AdamW(model.parameter_groups(), lr=settings.learning_rate, weight_decay=0.0)
     scheduler = transformers.get_linear_schedule_with_warmup(optimizer, int(0.06 * settings.steps), settings.steps)
 
@@ -184,24 +178,24 @@ def train_and_evaluate(settings: DemoSettings, use_deft: bool, train: list[dict]
     bar = tqdm(range(settings.steps), desc=f"{name} training", unit="step", dynamic_ncols=True)
     for step in bar:
         batch = next(batches)
-        if tracker is None:
+        if engine is None:
             loss = task_loss = model(**batch).loss
         else:
-            with tracker.record(**tracker.masks_for(batch)):
+            with engine.recording(batch):
                 task_loss = model(**batch).loss
-            coef = controller.coef if controller else config.coef_at(step)
-            loss = task_loss + coef * tracker.density_loss()
+            loss = task_loss + engine.term(step)
         loss.backward()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         entry = {"step": step, "task_loss": round(task_loss.item(), 5)}
-        if tracker is not None:
-            entry |= {"coef": round(coef, 6), "density": round(tracker.mean_density(0.0), 5)}
-            if controller:
-                controller.update(tracker.mean_density())  # at DeftConfig.threshold (0: exact zeros)
-                entry["density_error"] = round(controller.log()["deft/density_error"], 5)
-            bar.set_postfix(loss=f"{entry['task_loss']:.3f}", density=f"{entry['density']:.3f}", coef=f"{coef:.3g}")
+        if engine is not None:
+            entry |= {"coef": round(engine.coef, 6), "density": round(engine.tracker.mean_density(0.0), 5)}
+            if engine.weight.controller is not None:
+                engine.end_step()  # the controller takes this step's density now (at DeftConfig.threshold)
+                entry["density_error"] = round(engine.weight.log()["deft/density_error"], 5)
+            bar.set_postfix(loss=f"{entry['task_loss']:.3f}", density=f"{entry['density']:.3f}",
+                            coef=f"{engine.coef:.3g}")
         else:
             bar.set_postfix(loss=f"{entry['task_loss']:.3f}")
         history.append(entry)
@@ -213,8 +207,8 @@ def train_and_evaluate(settings: DemoSettings, use_deft: bool, train: list[dict]
         peak = {"peak_memory_mb": _peak_rss_mb(), "training_memory_increase_mb": _peak_rss_mb() - rss_before,
                 "peak_memory_kind": "peak resident memory (RSS) of the training process, Python, torch and model "
                                     "included; the increase is over the RSS just before the first step"}
-    if tracker is not None:
-        tracker.remove()
+    if engine is not None:
+        engine.remove()
 
     correct = 0
 
@@ -246,7 +240,7 @@ def train_and_evaluate(settings: DemoSettings, use_deft: bool, train: list[dict]
 def _ada_inference(model, tokenizer, held_out_ids, held_out_labels, config: DeftConfig, device, accuracy: float) -> dict:
     """ADA-DEFT at inference: skip the MLP blocks the learned weights choose (config.skip_budget or
     skip_threshold) in a copy of `model`, then compare both on the held-out texts: accuracy, and forward runtime
-    and memory measured side by side (deft_hf.measure)."""
+    and memory measured side by side (deft_cli.measure)."""
     import copy
 
     from deft_common import apply_ada_deft, layer_weights
@@ -317,16 +311,9 @@ def _check_model(settings: DemoSettings, num_labels: int) -> None:
         raise DeftDataError(f"{settings.model}: transformers cannot build this model ({err})") from err
     sites = find_mlp_sites(model, settings.deft)
     if settings.deft.adaptive and settings.deft.skip_budget is not None:
-        from deft_common.adaptive import budget_to_count
+        from deft_common.block_skip import budget_to_count
 
         budget_to_count(settings.deft.skip_budget, len(sites))  # a budget the model cannot meet fails now, not after training
-
-
-def in_subprocess(fn, *args):
-    """fn(*args) in a fresh interpreter: its peak memory is its own, and runs cannot disturb each other."""
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(fn, *args).result()
 
 
 def run_demo(settings: DemoSettings) -> dict:
@@ -531,31 +518,29 @@ def add_demo_command(subparsers) -> None:
     p.add_argument("--threshold", type=float, default=d.threshold,
                    help=f"τ of the reported thresholded density |a| > τ (default {d.threshold:g})")
     deft = p.add_argument_group("DEFT settings (deft_common.DeftConfig)")
-    deft.add_argument("--target-density", type=_optional_float, default=d.deft.target_density,
-                      help="steer the density weight so the training density converges to this fraction; 'none' "
-                      "for a fixed --coef (default %(default)s)")
-    deft.add_argument("--controller-gain", type=float, default=d.deft.controller_gain,
-                      help="step size of the target-density controller (default %(default)s)")
-    deft.add_argument("--controller-damping", type=float, default=d.deft.controller_damping,
-                      help="how much the controller holds the weight back while the density is falling "
-                      "(default %(default)s)")
-    deft.add_argument("--coef", type=float, default=d.deft.coef, help="fixed density weight, used without "
-                      "--target-density (default %(default)s)")
-    deft.add_argument("--coef-warmup-steps", type=int, default=d.deft.coef_warmup_steps,
-                      help="ramp the fixed weight up over this many steps (default %(default)s)")
-    deft.add_argument("--eps", type=float, default=d.deft.eps, help="ε of the surrogate a²/(a²+ε) (default %(default)g)")
+    add_config_option(deft, "target_density", d.deft, type=_optional_float,
+                      note=f"default {d.deft.target_density:g}; 'none' for a fixed --coef")
+    for name, kind in (("controller_gain", float), ("controller_damping", float), ("coef", float),
+                       ("coef_warmup_steps", int), ("eps", float)):
+        add_config_option(deft, name, d.deft, type=kind)
     ada = p.add_argument_group("ADA-DEFT (deft_common.adaptive)")
     ada.add_argument("--adaptive", action="store_true",
                      help="train the DEFT run with learnable per-layer weights (ADA-DEFT), then skip the MLP blocks "
                      "they choose and compare accuracy, runtime and memory of the skipped vs the unskipped model")
-    ada.add_argument("--skip-budget", type=_skip_budget, default=None,
-                     help=f"MLP blocks to skip: a number (2) or a fraction (0.5) (default {ADA_SKIP_BUDGET} "
-                     "unless --skip-threshold is given)")
-    ada.add_argument("--skip-threshold", type=float, default=None,
-                     help="instead of a budget: skip the blocks whose weight (mean 1) is at least this")
-    ada.add_argument("--adaptive-temperature", type=float, default=d.deft.adaptive_temperature,
-                     help="τ of ADA-DEFT: smaller concentrates the density pressure on fewer blocks (default %(default)g)")
+    add_config_option(ada, "skip_budget", d.deft, type=_skip_budget,
+                      note=f"default {ADA_SKIP_BUDGET} unless --skip-threshold is given")
+    add_config_option(ada, "skip_threshold", d.deft, type=float)
+    add_config_option(ada, "adaptive_temperature", d.deft, type=float)
     p.set_defaults(handler=demo_command)
+
+
+def add_config_option(group, name: str, defaults: DeftConfig, type, note: str | None = None) -> None:
+    """--<name> for the DeftConfig field `name`: its help is the field's own (DeftConfig.help), then the demo's
+    default, or `note` when it says more."""
+    default = getattr(defaults, name)
+    note = note or (f"default {default:g}" if isinstance(default, float) else f"default {default}")
+    group.add_argument(f"--{name.replace('_', '-')}", type=type, default=default,
+                       help=f"{DeftConfig.help(name)} ({note})".replace("%", "%%"))
 
 
 def _skip_budget(text: str) -> int | float:

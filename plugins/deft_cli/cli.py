@@ -10,6 +10,7 @@ from deft_common import __version__
 from .bench import add_bench_command
 from .demo import add_demo_command
 from .density import add_density_command
+from .processes import ending_children_on_sigterm, quiet_imports
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return args.handler(args)
+    quiet_imports(getattr(args, "model", None), getattr(args, "adapter", None))
+    with ending_children_on_sigterm():
+        return args.handler(args)
 
 
 if __name__ == "__main__":

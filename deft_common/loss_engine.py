@@ -1,0 +1,123 @@
+"""`DensityLossEngine`: the density term of each training forward, in one place for every adapter.
+
+It owns the DensityTracker on the model, the weight of each optimizer step (DensityWeight: fixed coef, warm-up, or
+the target-density controller), and the metrics windows (DensitySums, one for training and one for evaluation
+forwards). A training forward is
+
+    with engine.recording(batch):                # the tracker records the MLP activations, masked to real tokens
+        outputs = model(**batch)
+    loss = outputs.loss + engine.term(step)      # coef(step) × density loss; observed by the weight and the window
+
+where `step` is the number of optimizer steps done before this forward. The raw loss hook (DensityLossHook), the
+HF Trainer mixin and callback, the DeepSpeed hook and the `deft` command line all call it, and only add the term
+to their loss (with the scale their framework needs). Metrics:
+
+    engine.pop_metrics("train")   # {"deft/density", "deft/loss", "deft/density/<block>", deft/coef, ...}, all processes
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+
+import torch
+from torch import nn
+
+from .config import DeftConfig
+from .density_weight import DensitySums, DensityWeight
+from .tracker import DensityTracker
+
+MODES = ("train", "eval")
+
+
+class DensityLossEngine:
+    """One per training run. Attributes: tracker (the DensityTracker), config (its DeftConfig), weight (the
+    DensityWeight; `weight.controller` with target_density), device (where collectives run when this process
+    recorded nothing)."""
+
+    def __init__(self, model: nn.Module, config: DeftConfig | None = None, device: torch.device | str | None = None):
+        self.tracker = DensityTracker(model, config)
+        self.config = self.tracker.config
+        self.device = torch.device(device) if device is not None else _device_of(model)
+        self.weight = DensityWeight(self.config, len(self.tracker.sites), self.device)
+        self.coef: float | None = None  # the weight of the last term
+        self._windows: dict[str, DensitySums | None] = dict.fromkeys(MODES)
+
+    # ------------------------------------------------------------------------------------------ forwards
+    def track(self, model: nn.Module) -> DensityTracker:
+        """The tracker on `model`: a new one when the caller swapped its model (the weight carries on)."""
+        if self.tracker.model is not model:
+            self.tracker.remove()
+            self.tracker = DensityTracker(model, self.config)
+            self._windows = dict.fromkeys(MODES)  # other blocks, other per-block keys
+        return self.tracker
+
+    def recording(self, inputs) -> AbstractContextManager:
+        """Record the forward of the model-input batch `inputs` (its attention and decoder masks)."""
+        return self.tracker.record(**self.tracker.masks_for(inputs))
+
+    def term(self, step: int) -> torch.Tensor:
+        """The density term of the training forward just recorded, coef × density loss, with coef the weight of
+        optimizer step `step`; its density goes to the weight (the controller) and to the training window."""
+        self.coef = self.weight.coef(step)
+        term = self.coef * self.tracker.density_loss()
+        self.weight.observe(self.tracker)
+        self._window("train").add(self.tracker, term)
+        return term
+
+    def measured_eval(self) -> None:
+        """Add the evaluation forward just recorded to the evaluation window (it only measures density)."""
+        self._window("eval").add(self.tracker)
+
+    def end_step(self) -> None:
+        """The optimizer step is over: feed the controller its density now rather than at the next step's first
+        forward (to log where it stands). A collective under torch.distributed (DensityWeight.end_step)."""
+        self.weight.end_step()
+
+    # ------------------------------------------------------------------------------------------ metrics
+    def pop_metrics(self, mode: str = "train", prefix: str = "", per_block: bool = True) -> dict[str, float]:
+        """The window's metrics over every process, and an empty window:
+
+            <prefix>deft/density           mean over MLP blocks of the fraction of active entries (|a| > threshold)
+            <prefix>deft/loss              mean density term (coef × density loss) of the training forwards
+            <prefix>deft/density/<block>   per MLP block (per_block=True)
+            training only: the weight's log() (deft/coef, and with target_density deft/target_density and
+            deft/density_error), and with adaptive=True deft/adaptive_weight/<block>
+
+        Empty when nothing was recorded since the last pop. A collective when torch.distributed is initialised and
+        any process recorded in this mode: every process must call it."""
+        sums = self._windows[mode]
+        self.clear(mode)
+        if sums is None:
+            return {}
+        totals = sums.pop(self.device)
+        if totals.density is None:
+            return {}
+        out = {f"{prefix}deft/density": totals.density}
+        if totals.term is not None:
+            out[f"{prefix}deft/loss"] = totals.term
+        if mode == "train":
+            out.update(self.weight.log())
+            if self.tracker.adaptive is not None:
+                out.update(self.tracker.adaptive.log())
+        if per_block:
+            names = [site.name for site in self.tracker.sites]
+            out.update({f"{prefix}deft/density/{n}": d for n, d in zip(names, totals.layers) if d is not None})
+        return out
+
+    def clear(self, mode: str) -> None:
+        """Forget the forwards of `mode` since the last pop (e.g. of an earlier predict())."""
+        self._windows[mode] = None
+
+    def remove(self) -> None:
+        """Take the tracker's hooks off the model."""
+        self.tracker.remove()
+
+    def _window(self, mode: str) -> DensitySums:
+        if self._windows[mode] is None:
+            self._windows[mode] = DensitySums(len(self.tracker.sites))
+        return self._windows[mode]
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
