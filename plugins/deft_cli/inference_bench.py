@@ -1,0 +1,322 @@
+"""`deft bench --inference`: what calibrated sparsity buys at inference with kernel="sparse".
+
+1. mlp: one MLP block at Llama-2-7B's shape (4096 -> 11008, gated SiLU) and at BERT-base's (768 -> 3072, GELU),
+   batch 1, one token, at densities 0.5 ... 0.05 (τ = the (1 - density) quantile of |a| over 256 random tokens):
+   dense forward vs the same block with install_sparse_mlp. `limit` is the bound the weight bytes a sparse step
+   still reads put on the speedup: gated 3 / (1 + 2d), non-gated 2 / (1 + d).
+2. decode: generate() of a random-weight Llama-shaped model (hidden 2048, intermediate 5632, 16 layers, vocab
+   32000), thresholds calibrated to each density with calibrate_thresholds, greedy, 32 new tokens after an
+   8-token prompt. `limit` = bytes read per token dense / sparse (attention, norms, LM head, and the MLP bytes
+   still read; the KV cache is left out).
+3. encoder: the demo model (all-MiniLM-L6-v2) forward at batch 32 (128 tokens) with thresholds calibrated at
+   sparsity 0.99: many rows at once, so the fallback rule computes densely.
+
+Dense and sparse are measured in one process, interleaved (each round runs both, back to back), and reported as
+medians over rounds; `speedup` = median dense time / median sparse time. Writes DIR/inference.json.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import platform
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from deft_common import DeftConfig, find_mlp_sites
+from deft_common.sparse_mlp import install_sparse_mlp
+from deft_common.thresholds import apply_thresholds, measure_histograms
+
+DENSITIES = (0.5, 0.3, 0.2, 0.1, 0.05)
+MLP_SHAPES = {False: {"gated": (4096, 11008), "plain": (768, 3072)}, True: {"gated": (256, 688), "plain": (64, 256)}}
+DECODE_SHAPE = {False: dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, vocab_size=32000),
+                True: dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, vocab_size=512,
+                           num_attention_heads=4, num_key_value_heads=4)}
+DECODE_NEW_TOKENS = {False: 32, True: 8}
+PROMPT_TOKENS = 8
+ENCODER_SPARSITY = 0.99
+ENCODER_BATCH = {False: (32, 128), True: (4, 16)}
+
+
+# ------------------------------------------------------------------------------------------------ timing
+def _seconds(fn, calls: int = 1) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
+
+
+# ---------------------------------------------------------------------------------------------- mlp rows
+class GeluMlp(nn.Module):
+    """BERT-base's MLP: BertIntermediate (dense + GELU) and BertOutput (dense, dropout, residual LayerNorm)."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        from transformers import BertConfig
+        from transformers.models.bert.modeling_bert import BertIntermediate, BertOutput
+
+        config = BertConfig(hidden_size=hidden, intermediate_size=intermediate, hidden_act="gelu")
+        self.intermediate, self.output = BertIntermediate(config), BertOutput(config)
+
+    def forward(self, x):
+        return self.output(self.intermediate(x), x)
+
+
+def _mlp_block(gated: bool, hidden: int, intermediate: int, dtype) -> nn.Module:
+    if gated:
+        from transformers import LlamaConfig
+        from transformers.models.llama.modeling_llama import LlamaMLP
+
+        block = LlamaMLP(LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, hidden_act="silu"))
+    else:
+        block = GeluMlp(hidden, intermediate)
+    return block.to(dtype).eval()
+
+
+def _tau_for_density(block: nn.Module, site, density: float, dtype) -> float:
+    """The (1 - density) quantile of |a| over 256 random tokens (x ~ N(0, 1))."""
+    seen = []
+    hook = site.act.register_forward_hook(lambda _m, _a, out: seen.append(out.detach().abs().float().flatten()))
+    with torch.no_grad():
+        block(torch.randn(1, 256, _hidden_of(block), generator=torch.Generator().manual_seed(1)).to(dtype))
+    hook.remove()
+    values = seen[0]
+    return float(values.kthvalue(max(1, int(round((1.0 - density) * values.numel())))).values)
+
+
+def _hidden_of(block: nn.Module) -> int:
+    return block.gate_proj.in_features if hasattr(block, "gate_proj") else block.intermediate.dense.in_features
+
+
+def mlp_limit(gated: bool, density: float) -> float:
+    return 3.0 / (1.0 + 2.0 * density) if gated else 2.0 / (1.0 + density)
+
+
+def _mlp_rows(tiny: bool, dtypes, densities, rounds: int, **rule) -> list[dict]:
+    rows = []
+    torch.manual_seed(0)
+    for kind, (hidden, intermediate) in MLP_SHAPES[tiny].items():
+        gated = kind == "gated"
+        for dtype in dtypes:
+            block = _mlp_block(gated, hidden, intermediate, dtype)
+            site = find_mlp_sites(block, DeftConfig(capture="act"))[0]
+            x = torch.randn(1, 1, hidden, generator=torch.Generator().manual_seed(2)).to(dtype)
+            calls = 3 if not tiny else 20
+            for density in densities:
+                tau = _tau_for_density(block, site, density, dtype)
+                dense_s, sparse_s = _interleaved_toggled(block, site, tau, x, rounds, calls, rule)
+                speedup = dense_s / sparse_s
+                limit = mlp_limit(gated, density)
+                rows.append({"shape": f"{hidden}->{intermediate}", "gated": gated, "dtype": str(dtype).split(".")[-1],
+                             "density": density, "dense_ms": round(dense_s * 1e3, 4),
+                             "sparse_ms": round(sparse_s * 1e3, 4), "speedup": round(speedup, 3),
+                             "limit": round(limit, 3), "fraction_of_limit": round(speedup / limit, 3)})
+            del block
+    return rows
+
+
+def _interleaved_toggled(block, site, tau, x, rounds, calls, rule) -> tuple[float, float]:
+    """(median dense seconds, median sparse seconds): each round times the plain block, then installs the sparse
+    kernel, warms it (the transposed down-projection copy is made outside the timing), times it and removes it."""
+    run = _no_grad(lambda: block(x))
+    dense_s, sparse_s = [], []
+    for r in range(rounds + 1):
+        d = _seconds(run, calls)
+        handle = install_sparse_mlp(block, site, tau, "act", **rule)
+        run()  # builds the transposed down-projection copy outside the timing
+        s = _seconds(run, calls)
+        handle.remove()
+        if r:  # round 0 is the warm-up
+            dense_s.append(d)
+            sparse_s.append(s)
+    return statistics.median(dense_s), statistics.median(sparse_s)
+
+
+def _no_grad(fn):
+    def run():
+        with torch.no_grad():
+            return fn()
+    return run
+
+
+# ------------------------------------------------------------------------------------------- decode rows
+def _decode_model(tiny: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**DECODE_SHAPE[tiny], hidden_act="silu", max_position_embeddings=256)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    return model.eval()
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def decode_limit(model, density: float) -> float:
+    """Weight bytes read per generated token, dense / sparse: everything but the input embedding (one row of it
+    is read); a gated MLP still reads its gate and the active fraction of up and down."""
+    mlp = _bytes(p for name, p in model.named_parameters() if ".mlp." in name)
+    embedding = _bytes(model.get_input_embeddings().parameters())
+    total = _bytes(model.parameters()) - embedding
+    if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
+        total += embedding  # tied: the LM head reads it all
+    return total / (total - mlp + mlp * (1.0 + 2.0 * density) / 3.0)
+
+
+def _decode_rows(tiny: bool, densities, rounds: int) -> list[dict]:
+    model = _decode_model(tiny)
+    vocab = model.config.vocab_size
+    generator = torch.Generator().manual_seed(3)
+    calibration = [{"input_ids": torch.randint(vocab, (4, 64), generator=generator)} for _ in range(2)]
+    histograms = measure_histograms(model, calibration, DeftConfig(capture="act"))
+    prompt = torch.randint(vocab, (1, PROMPT_TOKENS), generator=generator)
+    new = DECODE_NEW_TOKENS[tiny]
+    kwargs = dict(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, min_new_tokens=new,
+                  do_sample=False, pad_token_id=0)
+
+    def generate():
+        with torch.no_grad():
+            return model.generate(**kwargs)
+
+    rows = []
+    for density in densities:
+        th = histograms.thresholds(1.0 - density)
+        dense_s, sparse_s = [], []
+        for r in range(rounds + 1):  # round 0 warms up
+            d = _seconds(generate)
+            with apply_thresholds(model, th, kernel="sparse"):
+                s = _seconds(generate)
+            if r:
+                dense_s.append(d)
+                sparse_s.append(s)
+        dense_tps, sparse_tps = new / statistics.median(dense_s), new / statistics.median(sparse_s)
+        rows.append({"density": density, "calibrated_density": round(th.mean_calibrated_density(), 4),
+                     "dense_tokens_per_s": round(dense_tps, 3), "sparse_tokens_per_s": round(sparse_tps, 3),
+                     "speedup": round(sparse_tps / dense_tps, 3), "limit": round(decode_limit(model, density), 3)})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- encoder
+def _encoder_row(tiny: bool, rounds: int) -> dict:
+    from deft_hf.data import default_model_dir
+    from transformers import AutoModel
+
+    folder = default_model_dir()
+    model = AutoModel.from_pretrained(folder).eval()
+    batch, length = ENCODER_BATCH[tiny]
+    generator = torch.Generator().manual_seed(4)
+    vocab = model.config.vocab_size
+
+    def inputs(rows):
+        ids = torch.randint(1000, vocab, (rows, length), generator=generator)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    th = measure_histograms(model, [inputs(batch) for _ in range(2)], DeftConfig(capture="act")) \
+        .thresholds(ENCODER_SPARSITY)
+    x = inputs(batch)
+    forward = _no_grad(lambda: model(**x))
+    dense_s, sparse_s = [], []
+    for r in range(rounds + 1):
+        d = _seconds(forward)
+        with apply_thresholds(model, th, kernel="sparse"):
+            s = _seconds(forward)
+        if r:
+            dense_s.append(d)
+            sparse_s.append(s)
+    dense_ms, sparse_ms = statistics.median(dense_s) * 1e3, statistics.median(sparse_s) * 1e3
+    return {"model": folder.parent.name if folder.name == "model" else folder.name, "batch": batch,
+            "tokens": length, "sparsity": ENCODER_SPARSITY, "dense_ms": round(dense_ms, 3),
+            "sparse_ms": round(sparse_ms, 3), "speedup": round(dense_ms / sparse_ms, 3)}
+
+
+# ------------------------------------------------------------------------------------------------ report
+def cpu_has_bf16() -> bool:
+    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
+    try:
+        flags = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _cpu_name() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_inference_bench(out_dir, tiny: bool = False, rounds: int | None = None, densities=DENSITIES,
+                        dtypes=None, sections=("mlp", "decode", "encoder")) -> dict:
+    """Measure the `mlp`, `decode` and `encoder` sections (module docstring), write OUT_DIR/inference.json and
+    return the same dict. tiny=True: the same on tiny shapes, in seconds. dtypes default: fp32, and bf16 where
+    the CPU has it natively (always in tiny runs)."""
+    if dtypes is None:
+        dtypes = [torch.float32] + ([torch.bfloat16] if (tiny or cpu_has_bf16()) else [])
+    rounds = rounds or (3 if tiny else 9)
+    results = {"threads": torch.get_num_threads(), "cpu": _cpu_name(), "torch": torch.__version__, "tiny": tiny}
+    if "mlp" in sections:
+        results["mlp"] = _mlp_rows(tiny, dtypes, densities, rounds)
+    if "decode" in sections:
+        results["decode"] = _decode_rows(tiny, densities, max(1, rounds // 3))
+    if "encoder" in sections:
+        results["encoder"] = _encoder_row(tiny, rounds)
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "inference.json").write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+def measure_crossover(densities=(0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7), rounds: int = 15, backend="auto"):
+    """The sparse path forced on (max_active_fraction=1) at each density: the rows where speedup crosses 1 set
+    deft_common.sparse_mlp.MAX_ACTIVE_FRACTION."""
+    return _mlp_rows(False, [torch.float32], densities, rounds, max_active_fraction=1.0, backend=backend)
+
+
+def format_inference_report(results: dict) -> str:
+    lines = [f"threads {results['threads']}, cpu {results['cpu']}, torch {results['torch']}"]
+    if results.get("mlp"):
+        lines += ["", "mlp (batch 1, one token)",
+                  f"{'shape':>12} {'gated':>5} {'dtype':>8} {'density':>7} {'dense ms':>9} {'sparse ms':>9} "
+                  f"{'speedup':>7} {'limit':>6} {'of limit':>8}"]
+        for r in results["mlp"]:
+            lines.append(f"{r['shape']:>12} {str(r['gated']):>5} {r['dtype']:>8} {r['density']:>7} "
+                         f"{r['dense_ms']:>9.3f} {r['sparse_ms']:>9.3f} {r['speedup']:>7.2f} {r['limit']:>6.2f} "
+                         f"{r['fraction_of_limit']:>8.2f}")
+    if results.get("decode"):
+        lines += ["", "decode (generate, greedy)",
+                  f"{'density':>7} {'calibrated':>10} {'dense tok/s':>11} {'sparse tok/s':>12} {'speedup':>7} "
+                  f"{'limit':>6}"]
+        for r in results["decode"]:
+            lines.append(f"{r['density']:>7} {r['calibrated_density']:>10.3f} {r['dense_tokens_per_s']:>11.2f} "
+                         f"{r['sparse_tokens_per_s']:>12.2f} {r['speedup']:>7.2f} {r['limit']:>6.2f}")
+    if results.get("encoder"):
+        e = results["encoder"]
+        lines += ["", f"encoder ({e['model']}, batch {e['batch']} x {e['tokens']} tokens, sparsity {e['sparsity']}): "
+                      f"dense {e['dense_ms']:.1f} ms, sparse {e['sparse_ms']:.1f} ms, speedup {e['speedup']:.2f}"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="inference_bench")
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--sections", default="mlp,decode,encoder")
+    parser.add_argument("--crossover", action="store_true", help="measure the fallback rule's crossover instead")
+    args = parser.parse_args()
+    if args.crossover:
+        for row in measure_crossover():
+            print(row)
+    else:
+        print(format_inference_report(run_inference_bench(args.out, tiny=args.tiny,
+                                                          sections=tuple(args.sections.split(",")))))
