@@ -341,11 +341,21 @@ def add_bench_command(subparsers) -> None:
     p.add_argument("--eval-size", type=int, default=d.eval_size, help="held-out texts (default %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="default %(default)s")
     p.add_argument("--device", default=d.device, help="cpu, cuda or auto (default auto)")
+    p.add_argument("--inference", action="store_true",
+                   help="instead: sparse MLP execution vs dense at calibrated densities (mlp, decode, encoder), "
+                   "written to DIR/inference.json")
     p.set_defaults(handler=bench_command)
 
 
 @reports_errors
 def bench_command(args) -> int:
+    if args.inference:
+        from .inference_bench import format_inference_report, run_inference_bench
+
+        out = args.out or f"deft-bench-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+        print(format_inference_report(run_inference_bench(out)))
+        print(f"wrote {out}/inference.json")
+        return 0
     settings = BenchSettings(
         model=args.model, data=args.data, out=args.out, steps=args.steps, warmup=args.warmup,
         batch_size=args.batch_size, max_length=args.max_length, eps=args.eps, ada_steps=args.ada_steps,

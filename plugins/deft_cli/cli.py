@@ -10,6 +10,7 @@ from deft_common import __version__
 from .bench import add_bench_command
 from .demo import add_demo_command
 from .density import add_density_command
+from .sparsify import add_sparsify_command
 from .processes import ending_children_on_sigterm, quiet_imports
 
 
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_command(commands)
     add_density_command(commands)
     add_bench_command(commands)
+    add_sparsify_command(commands)
     return parser
 
 

@@ -172,6 +172,8 @@ def add_density_command(subparsers) -> None:
     p.add_argument("--max-length", type=int, default=256, help="tokens per text (default 256)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, default=None, help="use only the first N texts")
+    p.add_argument("--thresholds", metavar="DIR", help="measure with the sparsity thresholds of DIR/deft_thresholds.json "
+                   "applied (written by `deft sparsify` or at the end of training)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(handler=density_command)
 
@@ -181,7 +183,14 @@ def density_command(args) -> int:
     records = read_jsonl(args.data, need_labels=False)[: args.limit]
     model, tokenizer = load_model(args.model, args.adapter)
     texts = [r["text"] for r in records]
-    layers = measure_density(model, text_batches(model, tokenizer, texts, args.batch_size, args.max_length), args.threshold)
+    batches = text_batches(model, tokenizer, texts, args.batch_size, args.max_length)
+    if args.thresholds:
+        from deft_common import SparsityThresholds, apply_thresholds
+
+        with apply_thresholds(model, SparsityThresholds.load(args.thresholds)):
+            layers = measure_density(model, batches, args.threshold)
+    else:
+        layers = measure_density(model, batches, args.threshold)
     if args.json:
         print(json.dumps({
             "model": str(args.model), "adapter": args.adapter, "data": str(args.data), "texts": len(texts),
