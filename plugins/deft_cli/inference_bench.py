@@ -203,7 +203,7 @@ def _decode_rows(tiny: bool, densities, rounds: int) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------- encoder
 def _encoder_row(tiny: bool, rounds: int) -> dict:
-    from deft_hf.data import default_model_dir
+    from .data import default_model_dir
     from transformers import AutoModel
 
     folder = default_model_dir()
