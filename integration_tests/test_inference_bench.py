@@ -9,8 +9,7 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "plugins" / "deft_cli"))
-import inference_bench  # noqa: E402  (plugins/deft_cli, the command line's package)
+from deft_cli import inference_bench  # noqa: E402
 
 MLP_KEYS = {"shape", "gated", "dtype", "density", "dense_ms", "sparse_ms", "speedup", "limit", "fraction_of_limit"}
 DECODE_KEYS = {"density", "dense_tokens_per_s", "sparse_tokens_per_s", "speedup", "limit"}
