@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .config import DeftConfig, DeftConfigError
@@ -42,6 +43,12 @@ def base_model_of(model: nn.Module) -> nn.Module:
         model = model.module
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """Where the model's parameters live (CPU for a model without any)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
 
 
 def _has_own_params(module: nn.Module) -> bool:

@@ -22,6 +22,7 @@ from contextlib import AbstractContextManager
 import torch
 from torch import nn
 
+from .architectures import device_of
 from .config import DeftConfig
 from .density_weight import DensitySums, DensityWeight
 from .tracker import DensityTracker
@@ -37,7 +38,7 @@ class DensityLossEngine:
     def __init__(self, model: nn.Module, config: DeftConfig | None = None, device: torch.device | str | None = None):
         self.tracker = DensityTracker(model, config)
         self.config = self.tracker.config
-        self.device = torch.device(device) if device is not None else _device_of(model)
+        self.device = torch.device(device) if device is not None else device_of(model)
         self.weight = DensityWeight(self.config, len(self.tracker.sites), self.device)
         self.coef: float | None = None  # the weight of the last term
         self._windows: dict[str, DensitySums | None] = dict.fromkeys(MODES)
@@ -116,8 +117,3 @@ class DensityLossEngine:
         if self._windows[mode] is None:
             self._windows[mode] = DensitySums(len(self.tracker.sites))
         return self._windows[mode]
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")

@@ -15,7 +15,6 @@ With `kernel="sparse"` the thresholded blocks are also executed sparsely (deft_c
 
 from __future__ import annotations
 
-import itertools
 import json
 import pathlib
 from collections.abc import Iterable, Mapping
@@ -24,8 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .architectures import MlpSite, base_model_of, find_mlp_sites
+from .architectures import MlpSite, base_model_of, device_of, find_mlp_sites, unwrapped
 from .config import CAPTURE_POINTS, DeftConfig, DeftConfigError
+from .distributed import is_distributed, sum_over_processes
 from .tracker import DeftInputError, _prompt_tokens, masks_for_batch, real_rows
 
 THRESHOLDS_FILE = "deft_thresholds.json"
@@ -138,7 +138,7 @@ class SparsityThresholds:
                 "calibrate this model with calibrate_thresholds or `deft sparsify`"
             )
         for name in self.thresholds:
-            width = _width_of(sites[name], self.capture)
+            width = _width_of(sites[name])
             if width is not None and width != self.widths[name]:
                 raise DeftThresholdsError(
                     f"MLP block {name!r} has {width} hidden units but these thresholds were calibrated on one with "
@@ -176,17 +176,14 @@ class ActivationHistograms:
         self.zeros[name] += zeros
         self.entries[name] += x.numel()
 
-    def sum_over_processes(self) -> None:
-        """Add up every process's counts (a collective under torch.distributed)."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    def sum_over_processes(self, device: torch.device) -> None:
+        """Add up every process's counts (a collective under torch.distributed, run on `device`)."""
+        if not is_distributed():
             return
         names = sorted(self.bins)
-        backend_device = _collective_device()
         stacked = torch.stack([torch.cat([self.bins[n], torch.tensor([self.zeros[n], self.entries[n]],
                                                                       dtype=torch.float64)]) for n in names])
-        stacked = stacked.to(backend_device)
-        torch.distributed.all_reduce(stacked)
-        stacked = stacked.cpu()
+        stacked = sum_over_processes(stacked.to(device)).cpu()
         for n, row in zip(names, stacked):
             self.bins[n], self.zeros[n], self.entries[n] = row[:NUM_BINS], int(row[-2]), int(row[-1])
 
@@ -261,7 +258,7 @@ def measure_histograms(model: nn.Module, batches: Iterable[Mapping], config: Def
         else:
             handles.append(module.register_forward_pre_hook(lambda _m, args, site=site: observe(site, args)))
     was_training = model.training
-    device = _device_of(model)
+    device = device_of(model)
     batches_seen = 0
     try:
         model.eval()
@@ -282,7 +279,7 @@ def measure_histograms(model: nn.Module, batches: Iterable[Mapping], config: Def
     if not batches_seen:
         raise DeftInputError("calibration got no batches; pass an iterable of model-input dicts "
                              "(e.g. a few hundred texts tokenized with their attention masks)")
-    histograms.sum_over_processes()
+    histograms.sum_over_processes(device)
     empty = [site.name for site in sites if not histograms.entries[site.name]]
     if empty:
         raise DeftInputError(
@@ -401,39 +398,11 @@ def _zeroed(value, tau: float):
     return zero_at_or_below(value, tau) if isinstance(value, torch.Tensor) else None
 
 
-def _width_of(site: MlpSite, capture: str) -> int | None:
+def _width_of(site: MlpSite) -> int | None:
     """Hidden units at the capture point: the down-projection's input size (None when it is not a known layer)."""
-    down = getattr(site.down, "base_layer", site.down)  # PEFT LoRA wraps the projection
+    down = unwrapped(site.down)
     for attr in ("in_features", "nx"):  # nn.Linear (and bitsandbytes' subclasses); GPT-2's Conv1D
         value = getattr(down, attr, None)
         if isinstance(value, int):
             return value
     return None
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
-def _collective_device() -> torch.device:
-    backend = torch.distributed.get_backend()
-    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-
-
-# ------------------------------------------------------------------------------------------ end of training
-def save_inference_thresholds(model: nn.Module, batches: Iterable[Mapping], config: DeftConfig, directory,
-                              write: bool = True) -> dict[str, float]:
-    """What every adapter does when training ends, with `config.inference_sparsity` set: calibrate on the first
-    `config.calibration_batches` of `batches` (training batches) and write DIRECTORY/deft_thresholds.json beside
-    the saved model (only where `write`; under torch.distributed every process calibrates, the counts are
-    summed, one process writes). Returns what to log: {"deft/inference_sparsity": s, "deft/calibrated_density":
-    mean density of the thresholded blocks on the calibration batches}; {} when inference_sparsity is None."""
-    sparsity = config.inference_sparsity
-    if sparsity is None:
-        return {}
-    thresholds = calibrate_thresholds(model, itertools.islice(batches, config.calibration_batches), sparsity, config)
-    if write:
-        thresholds.save(directory)
-    return {"deft/inference_sparsity": float(sparsity),
-            "deft/calibrated_density": thresholds.mean_calibrated_density()}
