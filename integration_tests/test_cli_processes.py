@@ -43,8 +43,10 @@ def test_density_imports_no_bitsandbytes_and_warns_nothing(bert_dir, tmp_path):
     """peft imports bitsandbytes whenever it is installed, and bitsandbytes warns at import on some CPUs; the
     command keeps it out for a model that is not quantised (the warning itself needs such a CPU to show)."""
     data = write_labelled_jsonl(tmp_path / "texts.jsonl", n=8)
-    script = ("import sys; from deft_cli.cli import main; code = main(sys.argv[1:]); "
-              "import peft; print('bitsandbytes loaded:', sys.modules.get('bitsandbytes') is not None); sys.exit(code)")
+    # peft is imported inside the command's quiet_imports (the marks end with the command), as a command would.
+    script = ("import sys\nfrom deft_cli.cli import main\nfrom deft_cli.processes import quiet_imports\n"
+              "with quiet_imports():\n    code = main(sys.argv[1:])\n    import peft\n"
+              "    print('bitsandbytes loaded:', sys.modules.get('bitsandbytes') is not None)\nsys.exit(code)")
     done = subprocess.run([sys.executable, "-c", script, "density", str(bert_dir), "--data", str(data),
                            "--max-length", "16"], env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -77,3 +79,17 @@ def test_sigterm_of_the_demo_ends_its_training_subprocess(bert_dir, tmp_path):
         if demo.poll() is None:
             demo.kill()
             demo.wait()
+
+
+def test_main_in_process_leaves_the_callers_imports(bert_dir, tmp_path):
+    """The backends marked absent while a command runs are importable again afterwards (tests call main())."""
+    import importlib.util
+
+    from deft_cli.cli import main
+    from deft_cli.processes import QUANTISATION_PACKAGES, UNUSED_PACKAGES
+
+    installed = [p for p in UNUSED_PACKAGES + QUANTISATION_PACKAGES if p not in sys.modules and
+                 importlib.util.find_spec(p) is not None]
+    data = write_labelled_jsonl(tmp_path / "texts.jsonl", n=8)
+    assert main(["density", str(bert_dir), "--data", str(data), "--max-length", "16"]) == 0
+    assert [p for p in installed if importlib.util.find_spec(p) is None] == []

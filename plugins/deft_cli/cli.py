@@ -34,8 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    quiet_imports(getattr(args, "model", None), getattr(args, "adapter", None))
-    with ending_children_on_sigterm():
+    with quiet_imports(getattr(args, "model", None), getattr(args, "adapter", None)), ending_children_on_sigterm():
         return args.handler(args)
 
 

@@ -1,9 +1,11 @@
 """How the `deft` commands run: quietly, and with their training subprocesses ending when the command ends.
 
-- peft imports bitsandbytes whenever it is installed, and bitsandbytes prints warnings at import on some CPUs
-  (e.g. "Failed to load CPU gemm_4bit_forward from kernels-community"), once per process. A model that is not
-  quantised does not need it, so the command marks it absent before anything imports peft (`quiet_imports`), and
-  the training subprocesses do the same.
+- peft and accelerate import optional backends whenever they are installed, and these print at import:
+  bitsandbytes on some CPUs ("Failed to load CPU gemm_4bit_forward from kernels-community"), torchao (libraries it
+  cannot load, torch.compile deprecations; Axolotl installs it) and DeepSpeed 0.18 ("Setting accelerator to CPU").
+  The quantisation backends are needed only by a quantised model, DeepSpeed by none of the commands, so the
+  command marks them absent before anything imports peft (`quiet_imports`), and the training subprocesses do the
+  same.
 - `deft demo` and `deft bench` train in spawned subprocesses (`in_subprocess`). A SIGTERM of the command
   (`kill PID`) ends them first, then the command (`ending_children_on_sigterm`).
 """
@@ -20,7 +22,8 @@ import signal
 import sys
 import threading
 
-QUANTISATION_PACKAGE = "bitsandbytes"
+QUANTISATION_PACKAGES = ("bitsandbytes", "torchao")  # needed only to load a quantised model
+UNUSED_PACKAGES = ("deepspeed",)  # no `deft` command trains with it
 _CHILD_EXIT_SECONDS = 5  # how long a SIGTERM waits for the training subprocesses before it kills them
 
 
@@ -35,26 +38,35 @@ def is_quantised(model_dir) -> bool:
         return False  # transformers reports an unreadable config.json itself, with its path
 
 
-def quiet_imports(*model_dirs) -> None:
-    """Keep bitsandbytes unimported in this process unless one of `model_dirs` is quantised: peft then finds no
-    bitsandbytes (it imports it only to support quantised layers) and nothing prints at import."""
-    if QUANTISATION_PACKAGE in sys.modules or any(is_quantised(d) for d in model_dirs):
-        return
-    sys.modules[QUANTISATION_PACKAGE] = None  # `import bitsandbytes` raises ImportError; find_spec finds nothing
+@contextlib.contextmanager
+def quiet_imports(*model_dirs):
+    """Within: the optional backends not yet imported are marked absent (the quantisation ones unless one of
+    `model_dirs` is quantised), so peft and accelerate find them absent and nothing prints at import. On exit the
+    marks are taken off again, so a caller of `main()` (e.g. a test) keeps its own imports."""
+    quantised = any(is_quantised(d) for d in model_dirs)
+    marked = [p for p in UNUSED_PACKAGES + (() if quantised else QUANTISATION_PACKAGES) if p not in sys.modules]
+    for package in marked:
+        sys.modules[package] = None  # `import` raises ImportError, find_spec finds nothing
+    try:
+        yield
+    finally:
+        for package in marked:
+            if sys.modules.get(package, ...) is None:
+                del sys.modules[package]
 
 
-def _start_child(quiet: bool) -> None:
-    if quiet:
-        quiet_imports()
+def _start_child(absent: list[str]) -> None:
+    for package in absent:
+        sys.modules.setdefault(package, None)
 
 
 def in_subprocess(fn, *args):
     """fn(*args) in a fresh interpreter: its peak memory is its own, and runs cannot disturb each other. It imports
     as quietly as this process (quiet_imports)."""
     context = multiprocessing.get_context("spawn")
-    quiet = sys.modules.get(QUANTISATION_PACKAGE, ...) is None
+    absent = [p for p in UNUSED_PACKAGES + QUANTISATION_PACKAGES if p in sys.modules and sys.modules[p] is None]
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_start_child,
-                                                initargs=(quiet,)) as pool:
+                                                initargs=(absent,)) as pool:
         return pool.submit(fn, *args).result()
 
 
