@@ -60,7 +60,7 @@ def held_out_difference(model, batches, thresholds) -> dict:
 
 
 def _is_causal_lm(model) -> bool:
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     base = getattr(model, "get_base_model", lambda: model)()
     return type(base).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
