@@ -17,6 +17,7 @@ medians over rounds; `speedup` = median dense time / median sparse time. Writes 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 import platform
@@ -47,6 +48,23 @@ def _seconds(fn, calls: int = 1) -> float:
     for _ in range(calls):
         fn()
     return (time.perf_counter() - start) / calls
+
+
+def _interleaved(run, sparse_on, rounds: int, calls: int = 1, warm: bool = False) -> tuple[float, float]:
+    """(median dense seconds, median sparse seconds): each round times `run` as it is, then inside the context
+    `sparse_on()`; round 0 is a warm-up. warm=True: one untimed call inside the context first (one-off work
+    such as the transposed down-projection copy stays outside the timing)."""
+    dense_s, sparse_s = [], []
+    for r in range(rounds + 1):
+        d = _seconds(run, calls)
+        with sparse_on():
+            if warm:
+                run()
+            s = _seconds(run, calls)
+        if r:
+            dense_s.append(d)
+            sparse_s.append(s)
+    return statistics.median(dense_s), statistics.median(sparse_s)
 
 
 # ---------------------------------------------------------------------------------------------- mlp rows
@@ -107,7 +125,8 @@ def _mlp_rows(tiny: bool, dtypes, densities, rounds: int, **rule) -> list[dict]:
             calls = 3 if not tiny else 20
             for density in densities:
                 tau = _tau_for_density(block, site, density, dtype)
-                dense_s, sparse_s = _interleaved_toggled(block, site, tau, x, rounds, calls, rule)
+                run, sparse_on = _no_grad(lambda: block(x)), lambda: _sparse_block(block, site, tau, rule)
+                dense_s, sparse_s = _interleaved(run, sparse_on, rounds, calls, warm=True)
                 speedup = dense_s / sparse_s
                 limit = mlp_limit(gated, density)
                 rows.append({"shape": f"{hidden}->{intermediate}", "gated": gated, "dtype": str(dtype).split(".")[-1],
@@ -118,21 +137,13 @@ def _mlp_rows(tiny: bool, dtypes, densities, rounds: int, **rule) -> list[dict]:
     return rows
 
 
-def _interleaved_toggled(block, site, tau, x, rounds, calls, rule) -> tuple[float, float]:
-    """(median dense seconds, median sparse seconds): each round times the plain block, then installs the sparse
-    kernel, warms it (the transposed down-projection copy is made outside the timing), times it and removes it."""
-    run = _no_grad(lambda: block(x))
-    dense_s, sparse_s = [], []
-    for r in range(rounds + 1):
-        d = _seconds(run, calls)
-        handle = install_sparse_mlp(block, site, tau, "act", **rule)
-        run()  # builds the transposed down-projection copy outside the timing
-        s = _seconds(run, calls)
+@contextlib.contextmanager
+def _sparse_block(block, site, tau, rule):
+    handle = install_sparse_mlp(block, site, tau, "act", **rule)
+    try:
+        yield
+    finally:
         handle.remove()
-        if r:  # round 0 is the warm-up
-            dense_s.append(d)
-            sparse_s.append(s)
-    return statistics.median(dense_s), statistics.median(sparse_s)
 
 
 def _no_grad(fn):
@@ -186,15 +197,8 @@ def _decode_rows(tiny: bool, densities, rounds: int) -> list[dict]:
     rows = []
     for density in densities:
         th = histograms.thresholds(1.0 - density)
-        dense_s, sparse_s = [], []
-        for r in range(rounds + 1):  # round 0 warms up
-            d = _seconds(generate)
-            with apply_thresholds(model, th, kernel="sparse"):
-                s = _seconds(generate)
-            if r:
-                dense_s.append(d)
-                sparse_s.append(s)
-        dense_tps, sparse_tps = new / statistics.median(dense_s), new / statistics.median(sparse_s)
+        dense_s, sparse_s = _interleaved(generate, lambda: apply_thresholds(model, th, kernel="sparse"), rounds)
+        dense_tps, sparse_tps = new / dense_s, new / sparse_s
         rows.append({"density": density, "calibrated_density": round(th.mean_calibrated_density(), 4),
                      "dense_tokens_per_s": round(dense_tps, 3), "sparse_tokens_per_s": round(sparse_tps, 3),
                      "speedup": round(sparse_tps / dense_tps, 3), "limit": round(decode_limit(model, density), 3)})
@@ -220,15 +224,8 @@ def _encoder_row(tiny: bool, rounds: int) -> dict:
         .thresholds(ENCODER_SPARSITY)
     x = inputs(batch)
     forward = _no_grad(lambda: model(**x))
-    dense_s, sparse_s = [], []
-    for r in range(rounds + 1):
-        d = _seconds(forward)
-        with apply_thresholds(model, th, kernel="sparse"):
-            s = _seconds(forward)
-        if r:
-            dense_s.append(d)
-            sparse_s.append(s)
-    dense_ms, sparse_ms = statistics.median(dense_s) * 1e3, statistics.median(sparse_s) * 1e3
+    dense_s, sparse_s = _interleaved(forward, lambda: apply_thresholds(model, th, kernel="sparse"), rounds)
+    dense_ms, sparse_ms = dense_s * 1e3, sparse_s * 1e3
     return {"model": folder.parent.name if folder.name == "model" else folder.name, "batch": batch,
             "tokens": length, "sparsity": ENCODER_SPARSITY, "dense_ms": round(dense_ms, 3),
             "sparse_ms": round(sparse_ms, 3), "speedup": round(dense_ms / sparse_ms, 3)}
