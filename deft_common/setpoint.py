@@ -2,7 +2,7 @@
 its largest activations (by |a|, at the block's capture point), so the model learns to work at the sparsity that
 calibrated inference thresholds will later impose.
 
-    setpoint = SparsitySetpoint(model, sparsity=0.99, ramp_steps=180, config=DeftConfig())
+    setpoint = SparsitySetpoint(model, sparsity=0.99, ramp_steps=180, config=DeftConfig(), density_term=True)
     setpoint.check_ramp(total_steps=300)           # warns when the set-point would not be reached
     for step, batch in enumerate(batches):
         loss = model(**batch).loss + below_coef * setpoint.density_loss()
@@ -58,10 +58,13 @@ class SparsitySetpoint:
     momentum:   weight of the past in the running average.
     schedule:   "linear" (sparsity linear in the step) or "geometric" (kept share 1 - sparsity falls geometrically,
                 so more of the ramp is spent at high sparsity).
+    density_term: compute the set-point-aware density term of each training forward for `density_loss()`
+                (off by default: it costs a few element-wise ops per block and keeps their graph).
     """
 
     def __init__(self, model: nn.Module, sparsity: float, ramp_steps: int = 0, config: DeftConfig | None = None, *,
-                 gradient: str = "mask", threshold: str = "batch", momentum: float = 0.9, schedule: str = "linear"):
+                 gradient: str = "mask", threshold: str = "batch", momentum: float = 0.9, schedule: str = "linear",
+                 density_term: bool = False):
         self.config = config if config is not None else DeftConfig()
         if not isinstance(self.config, DeftConfig):
             raise DeftConfigError(f"SparsitySetpoint needs a deft_common.DeftConfig, got {type(self.config).__name__}")
@@ -72,6 +75,7 @@ class SparsitySetpoint:
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
             raise DeftConfigError(f"SparsitySetpoint: momentum={momentum!r} must be in [0, 1); use e.g. 0.9")
         self.sparsity, self.ramp_steps = float(sparsity), int(ramp_steps)
+        self.density_term = bool(density_term)
         self.gradient, self.threshold, self.momentum, self.schedule = gradient, threshold, float(momentum), schedule
         self.model = model
         self.sites: list[MlpSite] = find_mlp_sites(model, self.config)  # raises when a capture point is missing
@@ -115,6 +119,7 @@ class SparsitySetpoint:
             old = self.running.get(name)
             self.running[name] = tau if old is None else self.momentum * old + (1.0 - self.momentum) * tau
         self._pending = {}
+        self._below = []  # terms of a step whose density_loss() was not asked for: dropped, never kept
 
     def check_ramp(self, total_steps: int) -> float:
         """The sparsity reached at the end of a run of `total_steps` optimizer steps; warns (SetpointWarning)
@@ -153,8 +158,8 @@ class SparsitySetpoint:
 
     # ------------------------------------------------------------------ density loss
     def density_loss(self) -> torch.Tensor:
-        """Mean over the blocks (and forwards since the last call) of the set-point-aware density term; 0 when
-        nothing was masked. Clears what it returns, so call it once per forward/backward."""
+        """Mean over the blocks (and forwards since the last call) of the set-point-aware density term (needs
+        density_term=True); 0 when nothing was masked. Clears what it returns: call it once per forward/backward."""
         terms, self._below = self._below, []
         if not terms:
             return torch.zeros(())
@@ -228,7 +233,7 @@ class SparsitySetpoint:
             self.last_thresholds[site.name] = float(tau)
             real_keep = keep.reshape(-1, a.shape[-1]) if real is None else keep.reshape(-1, a.shape[-1])[real]
             self.last_density[site.name] = float(real_keep.float().mean())
-            if a.requires_grad:
+            if self.density_term and a.requires_grad:
                 self._below.append(self._below_term(a, keep, real, tau))
         if self.gradient == "ste":
             return a - (a * ~keep).detach()  # forward: masked; backward: the dense gradient

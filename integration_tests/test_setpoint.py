@@ -152,13 +152,13 @@ def test_gradient_through_the_zeroed_entries(gradient):
 
 def test_density_loss_pulls_the_removed_entries():
     model = make_model("bert")
-    setpoint = SparsitySetpoint(model, sparsity=0.9)
-    model(**make_batch("bert")).loss.backward()  # the term of this forward was not asked for: dropped below
-    setpoint.density_loss()
-    loss = setpoint.density_loss()
-    assert float(loss) == 0.0  # cleared by the call before
+    setpoint = SparsitySetpoint(model, sparsity=0.9, density_term=True)
+    model(**make_batch("bert")).loss.backward()
+    setpoint.step(1)  # the term of that forward was not asked for: dropped at the step
+    assert float(setpoint.density_loss()) == 0.0
     model(**make_batch("bert")).loss
     loss = setpoint.density_loss()
+    assert float(setpoint.density_loss()) == 0.0  # cleared by the call before
     assert 0.0 < float(loss) <= 1.0 and loss.requires_grad  # mean |a|/τ over removed entries is in (0, 1]
 
 

@@ -45,6 +45,7 @@ def parse_args():
     p.add_argument("--grid", default=",".join(map(str, GRID)),
                    help="grid sparsities to score (a subset of the full grid saves ~1 minute each on 1 CPU thread)")
     p.add_argument("--save-state", default="", help="save the trained parameters here (to score more points later)")
+    p.add_argument("--load-state", default="", help="skip training: load parameters saved with --save-state")
     p.add_argument("--tag", default="")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(HERE / "sweep5_frontier.jsonl"))
@@ -77,7 +78,7 @@ def main():
     if args.method == "setpoint":
         setpoint = SparsitySetpoint(model.body, args.sparsity, ramp_steps=round(args.ramp * args.steps),
                                     config=DeftConfig(coef=0.0), gradient=args.gradient, threshold=args.threshold,
-                                    schedule=args.schedule)
+                                    schedule=args.schedule, density_term=args.below_coef > 0)
         setpoint.check_ramp(args.steps)
     optimizer = torch.optim.AdamW(model.parameter_groups(), lr=settings.learning_rate, weight_decay=0.0)
     scheduler = transformers.get_linear_schedule_with_warmup(optimizer, int(0.06 * settings.steps), settings.steps)
@@ -85,7 +86,7 @@ def main():
     trace = []
     start = time.perf_counter()
     batches = _batches(tokenizer, train_ids, train_labels, order, settings.batch_size, "cpu")
-    for step in range(settings.steps):
+    for step in range(0 if args.load_state else settings.steps):
         batch = next(batches)
         teacher = None
         if setpoint is not None and args.distill > 0:
@@ -117,6 +118,13 @@ def main():
             trace.append(entry)
             print(entry, f"{time.perf_counter() - start:.0f}s", flush=True)
     train_seconds = time.perf_counter() - start
+    if args.load_state:  # score more grid points of a run trained before (same method, settings and seed)
+        saved = torch.load(args.load_state)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(value)
+        train_seconds = None
     if setpoint is not None:
         setpoint.remove()
     if args.save_state:
@@ -189,15 +197,16 @@ def main():
         usable = max(ok) if ok else None
     record = {
         "method": args.method if args.method == "peft" else _method_name(args),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "threads", "method", "seed", "save_state")},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "threads", "method", "seed", "save_state", "load_state")},
         "seed": args.seed,
         "dense_accuracy": frontier[0]["accuracy"],
         "frontier": [{k: p[k] for k in ("sparsity", "density", "accuracy")} for p in frontier],
         "thresholds": {str(p["sparsity"]): p["thresholds"] for p in frontier},
         "usable_sparsity": usable,
+        "rescored_from_saved_state": bool(args.load_state),
         "grid_partial": grid != GRID,  # then usable_sparsity is over the scored points only (a lower bound)
         "reference_peft_accuracy": None if reference is None else reference / len(scored),
-        "train_seconds": round(train_seconds, 1),
+        "train_seconds": None if train_seconds is None else round(train_seconds, 1),
         "eval_seconds": round(eval_seconds, 1),
         "trace": trace,
     }
