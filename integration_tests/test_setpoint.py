@@ -1,0 +1,221 @@
+"""SparsitySetpoint: the training-side sparsity set-point (deft_common.setpoint) on tiny real models."""
+
+import warnings
+
+import pytest
+import torch
+
+from deft_common import DeftConfig, DeftConfigError, find_mlp_sites
+from deft_common.setpoint import SetpointWarning, SparsitySetpoint
+from fixtures import make_batch, make_model
+
+
+def _acts(model, config=None):
+    return [site.act for site in find_mlp_sites(model, config or DeftConfig())]
+
+
+def _watch(model, batch, when="after"):
+    """Hooks on every MLP activation that record what the rest of the model sees (registered after the
+    set-point's hooks, so they see the masked output) or what the activation computed (`when="before"`, register
+    them before the set-point)."""
+    seen = []
+    real = batch["attention_mask"].reshape(-1).bool()
+
+    def hook(_m, _a, out):
+        if out.requires_grad:
+            out.retain_grad()
+        seen.append((out, real))
+
+    return seen, [m.register_forward_hook(hook) for m in _acts(model)]
+
+
+def _density(seen):
+    """Mean over blocks of the non-zero share over real token rows."""
+    values = [float((out.reshape(-1, out.shape[-1])[real] != 0).float().mean()) for out, real in seen]
+    return sum(values) / len(values)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_density_at_end_of_ramp_is_the_setpoint(family):
+    model = make_model(family)
+    batch = make_batch(family, batch_size=4, seq_len=16)
+    setpoint = SparsitySetpoint(model, sparsity=0.9, ramp_steps=4)
+    seen, handles = _watch(model, batch)
+    measured = {}
+    for step in range(7):
+        seen.clear()
+        model(**batch).loss.backward()
+        measured[step] = _density(seen)
+        setpoint.step(step + 1)
+    for h in handles:
+        h.remove()
+    assert measured[0] == pytest.approx(1.0, abs=0.02)  # ramp starts dense
+    assert measured[2] == pytest.approx(1 - 0.9 * 2 / 4, abs=0.02)  # half-way
+    for step in (4, 5, 6):  # the set-point is reached and held
+        assert measured[step] == pytest.approx(0.1, abs=0.01)
+
+
+def test_padding_rows_do_not_count_in_the_quantile_with_lora():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(make_model("bert"), LoraConfig(r=4, target_modules=["query", "value"]))
+    batch = make_batch("bert", batch_size=3, seq_len=16)  # last row half padding
+    before, handles = _watch(model, batch)  # sees the activations before the set-point masks them
+    setpoint = SparsitySetpoint(model, sparsity=0.8, ramp_steps=0)
+    model(**batch).loss.backward()
+    for h in handles:
+        h.remove()
+    for site, (out, real) in zip(setpoint.sites, before):
+        values = out.detach().reshape(-1, out.shape[-1])[real].abs().flatten()
+        expected = values.kthvalue(int(0.8 * values.numel())).values
+        assert setpoint.last_thresholds[site.name] == pytest.approx(float(expected))
+        assert setpoint.last_density[site.name] == pytest.approx(0.2, abs=0.01)
+
+
+def test_mask_only_in_training_forwards_with_gradients():
+    model = make_model("bert")
+    batch = make_batch("bert")
+    torch.manual_seed(0)
+    model.eval()
+    with torch.no_grad():
+        eval_before = model(**batch).logits
+    model.train()
+    with torch.no_grad():
+        nograd_before = model(**batch).logits
+    train_before = model(**batch).logits.detach()
+    setpoint = SparsitySetpoint(model, sparsity=0.9)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, eval_before)
+    assert torch.equal(model(**batch).logits.detach(), eval_before)  # eval mode with gradients: untouched
+    model.train()
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, nograd_before)
+    with setpoint.disabled():
+        assert torch.equal(model(**batch).logits.detach(), train_before)
+    assert not torch.allclose(model(**batch).logits.detach(), train_before)  # the training forward is masked
+
+
+def test_remove_restores_the_model_exactly():
+    model = make_model("llama")
+    batch = make_batch("llama")
+    before = model(**batch).logits.detach()
+    setpoint = SparsitySetpoint(model, sparsity=0.95, gradient="ste", threshold="running")
+    model(**batch).loss.backward()
+    setpoint.step(1)
+    model.zero_grad()
+    setpoint.remove()
+    assert torch.equal(model(**batch).logits.detach(), before)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_resume_continues_the_ramp():
+    model = make_model("bert")
+    batch = make_batch("bert")
+    first = SparsitySetpoint(model, sparsity=0.9, ramp_steps=10, threshold="running")
+    for step in range(3):
+        model(**batch).loss.backward()
+        first.step(step + 1)
+    state = first.state_dict()
+    expected_tau = {name: tau for name, tau in first.running.items()}
+    first.remove()
+    resumed = SparsitySetpoint(model, sparsity=0.9, ramp_steps=10, threshold="running")
+    assert resumed.current_sparsity == 0.0
+    resumed.load_state_dict(state)
+    assert resumed.current_step == 3
+    assert resumed.current_sparsity == pytest.approx(0.27)
+    assert resumed.running == expected_tau
+    model(**batch).loss.backward()
+    assert resumed.last_thresholds == pytest.approx(expected_tau, rel=1e-6)  # the resumed run masks with the saved running thresholds
+    with pytest.raises(ValueError, match="resume with the settings the run started with"):
+        SparsitySetpoint(model, sparsity=0.95, ramp_steps=10).load_state_dict(state)
+
+
+@pytest.mark.parametrize("gradient", ["mask", "ste"])
+def test_gradient_through_the_zeroed_entries(gradient):
+    model = make_model("bert")
+    batch = make_batch("bert", batch_size=4, seq_len=16)
+    before, handles = _watch(model, batch)
+    SparsitySetpoint(model, sparsity=0.9, gradient=gradient)
+    model(**batch).loss.backward()
+    for h in handles:
+        h.remove()
+    out, real = before[0]
+    threshold = out.detach().reshape(-1, out.shape[-1])[real].abs().flatten().kthvalue(int(0.9 * real.sum() * out.shape[-1])).values
+    zeroed = out.detach().abs() <= threshold
+    grad_on_zeroed = out.grad[zeroed].abs().sum()
+    if gradient == "mask":
+        assert grad_on_zeroed == 0
+    else:
+        assert grad_on_zeroed > 0
+
+
+def test_density_loss_pulls_the_removed_entries():
+    model = make_model("bert")
+    setpoint = SparsitySetpoint(model, sparsity=0.9, density_term=True)
+    model(**make_batch("bert")).loss.backward()
+    setpoint.step(1)  # the term of that forward was not asked for: dropped at the step
+    assert float(setpoint.density_loss()) == 0.0
+    model(**make_batch("bert")).loss
+    loss = setpoint.density_loss()
+    assert float(setpoint.density_loss()) == 0.0  # cleared by the call before
+    assert 0.0 < float(loss) <= 1.0 and loss.requires_grad  # mean |a|/τ over removed entries is in (0, 1]
+
+
+@pytest.mark.parametrize("sparsity", [1.0, -0.1, float("nan"), True, "0.9"])
+def test_setpoint_outside_0_1_is_an_error(sparsity):
+    with pytest.raises(DeftConfigError, match=r"sparsity_setpoint=.* must be a number in \[0, 1\)"):
+        SparsitySetpoint(make_model("bert"), sparsity=sparsity)
+
+
+@pytest.mark.parametrize("ramp", [-1, 2.5, None])
+def test_bad_ramp_is_an_error(ramp):
+    with pytest.raises(DeftConfigError, match="setpoint_ramp_steps=.* must be a whole number >= 0"):
+        SparsitySetpoint(make_model("bert"), sparsity=0.9, ramp_steps=ramp)
+
+
+def test_ramp_longer_than_the_run_warns():
+    setpoint = SparsitySetpoint(make_model("bert"), sparsity=0.9, ramp_steps=400)
+    with pytest.warns(SetpointWarning, match=r"set-point 0.9 will not be reached \(the run ends at 0.675\)"):
+        assert setpoint.check_ramp(300) == pytest.approx(0.675)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert setpoint.check_ramp(400) == 0.9
+
+
+def test_capture_point_that_cannot_be_masked_is_an_error():
+    class FusedMlp(torch.nn.Module):  # activation as a plain function: nothing to hook at capture="act"
+        def __init__(self):
+            super().__init__()
+            self.up_proj, self.down_proj = torch.nn.Linear(4, 8), torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.down_proj(torch.nn.functional.gelu(self.up_proj(x)))
+
+    model = torch.nn.Sequential(FusedMlp())
+    with pytest.raises(DeftConfigError, match="capture='act'.*use capture='down_in'"):
+        SparsitySetpoint(model, sparsity=0.9)
+    setpoint = SparsitySetpoint(model, sparsity=0.5, config=DeftConfig(capture="down_in"))
+    x = torch.randn(3, 4, requires_grad=True)
+    seen = []
+    model[0].down_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    model(x).sum().backward()
+    assert float((seen[0] != 0).float().mean()) == pytest.approx(0.5, abs=0.05)
+    setpoint.remove()
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("gradient", "sign", "gradient='sign' is unknown"),
+    ("threshold", "global", "threshold='global' is unknown"),
+    ("schedule", "cosine", "schedule='cosine' is unknown"),
+    ("momentum", 1.0, r"momentum=1.0 must be in \[0, 1\)"),
+])
+def test_bad_options_are_errors(field, value, match):
+    with pytest.raises(DeftConfigError, match=match):
+        SparsitySetpoint(make_model("bert"), sparsity=0.9, **{field: value})
+
+
+def test_geometric_schedule_spends_the_ramp_at_high_sparsity():
+    setpoint = SparsitySetpoint(make_model("bert"), sparsity=0.99, ramp_steps=100, schedule="geometric")
+    assert setpoint.at(0) == 0.0 and setpoint.at(100) == 0.99 and setpoint.at(500) == 0.99
+    assert setpoint.at(50) == pytest.approx(0.9)  # kept share sqrt(0.01) = 0.1 half-way
