@@ -59,8 +59,8 @@ def main():
 
     from deft_common import DeftConfig, find_mlp_sites
     from deft_common.setpoint import SparsitySetpoint
-    from deft_hf.data import default_model_dir
-    from deft_hf.demo import DemoSettings, _batches, _load_records, build_classifier
+    from deft_cli.data import default_model_dir
+    from deft_cli.demo import DemoSettings, _batches, _load_records, build_classifier
 
     settings = DemoSettings(steps=args.steps, seed=args.seed, deft=DeftConfig(coef=0.0))
     settings.model = str(default_model_dir())
