@@ -34,7 +34,7 @@ from torch import nn
 
 from .architectures import MlpSite, base_model_of, find_mlp_sites
 from .config import DeftConfig, DeftConfigError
-from .tracker import DensityTracker, _in_backward, _prompt_tokens
+from .tracker import _in_backward, _prompt_tokens, real_rows, stack_masks
 
 GRADIENTS = ("mask", "ste")
 THRESHOLDS = ("batch", "running")
@@ -184,12 +184,7 @@ class SparsitySetpoint:
 
     def _read_masks(self, bound: dict) -> None:
         # The attention masks of this forward, so that padding rows never count in the quantile.
-        encoder = bound.get("attention_mask")
-        decoder = bound.get("decoder_attention_mask")
-        labels = bound.get("labels")
-        if self.is_encoder_decoder and decoder is None and labels is not None and bound.get("decoder_input_ids") is None:
-            decoder = (labels != -100).long()  # as DensityTracker.masks_for: the real label positions
-        self._masks = {"encoder": encoder, "decoder": decoder if self.is_encoder_decoder else encoder}
+        self._masks = stack_masks(bound, self.is_encoder_decoder)
 
     def _hook(self, site: MlpSite):
         module = site.capture_module(self.config.capture)
@@ -215,7 +210,7 @@ class SparsitySetpoint:
 
     def _mask(self, site: MlpSite, a: torch.Tensor, sparsity: float) -> torch.Tensor:
         magnitude = a.detach().abs()
-        real = self._real_rows(site, a)
+        real = real_rows(self._masks, a, site, self.is_encoder_decoder, self.virtual_tokens)
         flat = magnitude.reshape(-1, a.shape[-1])
         real_values = (flat if real is None else flat[real]).flatten().float()
         k = int(sparsity * real_values.numel())
@@ -247,13 +242,6 @@ class SparsitySetpoint:
         if real is not None:
             below = below[real]
         return below.sum() / (max(float(tau), 1e-12) * max(below.numel(), 1))
-
-    def _real_rows(self, site: MlpSite, a: torch.Tensor) -> torch.Tensor | None:
-        key = "decoder" if (self.is_encoder_decoder and site.stack == "decoder") else "encoder"
-        mask = self._masks.get(key)
-        if mask is None:
-            return None
-        return DensityTracker._align_mask(mask, a, site, key, self.virtual_tokens)
 
     # ------------------------------------------------------------------ switching
     def disabled(self):

@@ -26,7 +26,7 @@ from torch import nn
 from .architectures import MlpSite, base_model_of, device_of, find_mlp_sites, unwrapped
 from .config import CAPTURE_POINTS, DeftConfig, DeftConfigError
 from .distributed import is_distributed, sum_over_processes
-from .tracker import DeftInputError, _prompt_tokens, masks_for_batch, real_rows
+from .tracker import DeftInputError, _prompt_tokens, real_rows, stack_masks
 
 THRESHOLDS_FILE = "deft_thresholds.json"
 FILE_FORMAT = "deft_thresholds/1"
@@ -247,8 +247,7 @@ def measure_histograms(model: nn.Module, batches: Iterable[Mapping], config: Def
         a = value[0] if isinstance(value, (tuple, list)) else value
         if not isinstance(a, torch.Tensor) or not a.is_floating_point():
             return
-        stack = "decoder" if (is_encoder_decoder and site.stack == "decoder") else "encoder"
-        histograms.add(site.name, a, real_rows(masks.get(stack), a, site, stack, virtual_tokens))
+        histograms.add(site.name, a, real_rows(masks, a, site, is_encoder_decoder, virtual_tokens))
 
     handles = []
     for site in sites:
@@ -267,9 +266,7 @@ def measure_histograms(model: nn.Module, batches: Iterable[Mapping], config: Def
                 if not isinstance(batch, Mapping):
                     raise DeftInputError(f"calibration batches must be dicts of model inputs, got {type(batch).__name__}")
                 batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                found = masks_for_batch(batch, is_encoder_decoder)
-                masks = {"encoder": found.get("attention_mask"),
-                         "decoder": found.get("decoder_attention_mask" if is_encoder_decoder else "attention_mask")}
+                masks = stack_masks(batch, is_encoder_decoder)
                 model(**batch)
                 batches_seen += 1
     finally:

@@ -255,9 +255,19 @@ def masks_for_batch(batch, is_encoder_decoder: bool) -> dict[str, torch.Tensor |
     return masks
 
 
-def real_rows(mask: torch.Tensor | None, a: torch.Tensor, site: MlpSite, stack: str, virtual_tokens: int = 0):
+def stack_masks(batch, is_encoder_decoder: bool) -> dict[str, torch.Tensor | None]:
+    """{"encoder": mask, "decoder": mask} of a model-input batch (see `masks_for_batch`); a decoder-only model's
+    blocks are all read with the attention mask."""
+    masks = masks_for_batch(batch, is_encoder_decoder)
+    encoder = masks["attention_mask"]
+    return {"encoder": encoder, "decoder": masks.get("decoder_attention_mask") if is_encoder_decoder else encoder}
+
+
+def real_rows(masks: dict, a: torch.Tensor, site: MlpSite, is_encoder_decoder: bool, virtual_tokens: int = 0):
     """Boolean (rows,) over a.reshape(-1, hidden): True for the rows of real tokens (None = every row is real).
-    `mask` is the (batch, seq_len) mask of `stack` ("encoder" or "decoder")."""
+    `masks` is what `stack_masks` gives for the forward that produced `a`."""
+    stack = "decoder" if (is_encoder_decoder and site.stack == "decoder") else "encoder"
+    mask = masks.get(stack)
     if mask is None:
         return None
     return DensityTracker._align_mask(mask, a, site, stack, virtual_tokens)
