@@ -15,13 +15,14 @@ from .density_weight import DensitySums, DensityWeight
 from .loss_engine import DensityLossEngine
 from .loss_hook import DeftLossError, DensityLossHook
 from .thresholds import (ActivationHistograms, DeftThresholdsError, SparsityThresholds, ThresholdsHandle,
-                         apply_thresholds, calibrate_thresholds, measure_histograms)
+                         apply_thresholds, calibrate_thresholds, measure_histograms, save_inference_thresholds)
 from .tracker import DeftInputError, DensityTracker
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ActivationHistograms",    "AdaptiveLayerWeights",
+    "ActivationHistograms",
+    "AdaptiveLayerWeights",
     "DeftCheckpointingError",
     "DeftConfig",
     "DeftConfigError",
@@ -50,6 +51,7 @@ __all__ = [
     "load_layer_weights",
     "make_checkpointing_non_reentrant",
     "measure_histograms",
+    "save_inference_thresholds",
     "save_layer_weights",
     "skip_mlp_blocks",
     "uses_reentrant_checkpointing",

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 CAPTURE_POINTS = ("act", "down_in")
+SETPOINT_SCHEDULES = ("linear", "geometric")
+SETPOINT_GRADIENTS = ("mask", "ste")
 
 # A string of the form "2-5" or "2:5" selects a range of layer indices (inclusive "-", Python-style ":").
 _RANGE = re.compile(r"^\s*(\d+)\s*([-:])\s*(\d+)\s*$")
@@ -83,6 +85,32 @@ class DeftConfig:
     skip_threshold: float | None = field(default=None, metadata={"help": (
         'instead of a budget: skip the blocks whose weight (mean 1) is at least this.'
     )})
+    sparsity_setpoint: float | None = field(default=None, metadata={"help": (
+        'threshold-aware training: in every training forward each MLP block keeps only its largest activations, '
+        'setting this fraction of them to 0 (|a| at or below the batch quantile), as calibrated inference '
+        'thresholds will (`None` = off; the demo uses `0.995`). The thresholds written at the end of training '
+        'follow it unless `inference_sparsity` is set.'
+    )})
+    setpoint_ramp_steps: int = field(default=0, metadata={"help": (
+        'optimizer steps over which the set-point rises from 0 to `sparsity_setpoint` (0 = from the first step; '
+        'the demo uses 60% of the run).'
+    )})
+    setpoint_schedule: str = field(default="linear", metadata={"help": (
+        '`"linear"`: the sparsity rises linearly over the ramp; `"geometric"`: the kept share falls geometrically, '
+        'so more of the ramp is spent at high sparsity.'
+    )})
+    setpoint_gradient: str = field(default="mask", metadata={"help": (
+        '`"mask"`: the zeroed activations pass no gradient (as CATS); `"ste"`: straight-through, the gradient of '
+        'the dense activation (as Q-Sparse).'
+    )})
+    inference_sparsity: float | None = field(default=None, metadata={"help": (
+        'when training ends, calibrate per MLP block the threshold τ that sets this fraction of the activations '
+        'to 0 (|a| <= τ, e.g. `0.9`) and write `deft_thresholds.json` beside the saved model, for '
+        '`apply_thresholds` at inference (`None`: at `sparsity_setpoint` when that is set, else off).'
+    )})
+    calibration_batches: int = field(default=32, metadata={"help": (
+        'how many training batches (at most) the `inference_sparsity` thresholds are calibrated on.'
+    )})
 
     def __post_init__(self) -> None:
         _check_number("coef", self.coef, minimum=0.0, fix="use 0 to only measure density, or a positive weight such as 1.0")
@@ -110,6 +138,8 @@ class DeftConfig:
         _check_number("controller_damping", self.controller_damping, minimum=0.0,
                       fix="use 0 (no damping) or a positive weight such as 10")
         self._check_adaptive()
+        self._check_setpoint()
+        self._check_inference_thresholds()
         self.layers = _normalise_layers(self.layers)
         self.modules = _normalise_patterns("modules", self.modules)
 
@@ -132,6 +162,52 @@ class DeftConfig:
                 check_skip_threshold(self.skip_threshold)
         except DeftConfigError as err:
             raise DeftConfigError(f"DeftConfig: {err}") from None
+
+    def _check_setpoint(self) -> None:
+        if self.sparsity_setpoint is not None:
+            _check_number("sparsity_setpoint", self.sparsity_setpoint, minimum=0.0,
+                          fix="use a fraction in [0, 1) such as 0.99 (the share of MLP activations zeroed in "
+                              "training), or None for no set-point")
+            if self.sparsity_setpoint >= 1.0:
+                raise DeftConfigError(
+                    f"DeftConfig.sparsity_setpoint={self.sparsity_setpoint!r} must be below 1 (1 would zero every "
+                    "activation); use a fraction such as 0.99, or None for no set-point"
+                )
+        if isinstance(self.setpoint_ramp_steps, bool) or not isinstance(self.setpoint_ramp_steps, int) \
+                or self.setpoint_ramp_steps < 0:
+            raise DeftConfigError(
+                f"DeftConfig.setpoint_ramp_steps={self.setpoint_ramp_steps!r} must be a whole number >= 0 (0 = the "
+                "set-point from the first step); use e.g. 60% of the run's optimizer steps"
+            )
+        for name, choices in (("setpoint_schedule", SETPOINT_SCHEDULES), ("setpoint_gradient", SETPOINT_GRADIENTS)):
+            if getattr(self, name) not in choices:
+                raise DeftConfigError(f"DeftConfig.{name}={getattr(self, name)!r} is unknown; use one of "
+                                      f"{', '.join(map(repr, choices))}")
+        if self.sparsity_setpoint is None and self.setpoint_ramp_steps:
+            raise DeftConfigError("DeftConfig.setpoint_ramp_steps ramps the sparsity set-point; set "
+                                  "sparsity_setpoint too (e.g. 0.99)")
+
+    @property
+    def thresholds_sparsity(self) -> float | None:
+        """The sparsity of the inference thresholds written when training ends: inference_sparsity, else the
+        training set-point (so the model saved is the one trained), else None (none written)."""
+        return self.inference_sparsity if self.inference_sparsity is not None else self.sparsity_setpoint
+
+    def _check_inference_thresholds(self) -> None:
+        if self.inference_sparsity is not None:
+            _check_number("inference_sparsity", self.inference_sparsity, minimum=0.0,
+                          fix="use a fraction in [0, 1) such as 0.9 (the share of MLP activations set to 0), or None")
+            if self.inference_sparsity >= 1.0:
+                raise DeftConfigError(
+                    f"DeftConfig.inference_sparsity={self.inference_sparsity!r} must be below 1 (1 would zero "
+                    "every activation); use a fraction such as 0.9, or None for no thresholds"
+                )
+        if isinstance(self.calibration_batches, bool) or not isinstance(self.calibration_batches, int) \
+                or self.calibration_batches < 1:
+            raise DeftConfigError(
+                f"DeftConfig.calibration_batches={self.calibration_batches!r} must be a whole number >= 1 "
+                "(training batches to calibrate the inference thresholds on, e.g. 32)"
+            )
 
     @classmethod
     def help(cls, name: str) -> str:

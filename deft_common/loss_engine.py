@@ -1,10 +1,11 @@
 """`DensityLossEngine`: the density term of each training forward, in one place for every adapter.
 
-It owns the DensityTracker on the model, the weight of each optimizer step (DensityWeight: fixed coef, warm-up, or
-the target-density controller), and the metrics windows (DensitySums, one for training and one for evaluation
+It owns the DensityTracker on the model, the sparsity set-point (DeftConfig.sparsity_setpoint: the training
+forward keeps only each MLP block's largest activations, deft_common.setpoint), the weight of each optimizer step
+(DensityWeight: fixed coef, warm-up, or the target-density controller), and the metrics windows (DensitySums, one for training and one for evaluation
 forwards). A training forward is
 
-    with engine.recording(batch):                # the tracker records the MLP activations, masked to real tokens
+    with engine.recording(batch, step):          # the tracker records the MLP activations, masked to real tokens
         outputs = model(**batch)
     loss = outputs.loss + engine.term(step)      # coef(step) × density loss; observed by the weight and the window
 
@@ -25,6 +26,7 @@ from torch import nn
 from .architectures import device_of
 from .config import DeftConfig
 from .density_weight import DensitySums, DensityWeight
+from .setpoint import SparsitySetpoint
 from .tracker import DensityTracker
 
 MODES = ("train", "eval")
@@ -36,6 +38,9 @@ class DensityLossEngine:
     recorded nothing)."""
 
     def __init__(self, model: nn.Module, config: DeftConfig | None = None, device: torch.device | str | None = None):
+        config = DeftConfig() if config is None else config
+        # The set-point's hooks go on before the tracker's, so the tracker measures the activations it masked.
+        self.setpoint = SparsitySetpoint.from_config(model, config) if isinstance(config, DeftConfig) else None
         self.tracker = DensityTracker(model, config)
         self.config = self.tracker.config
         self.device = torch.device(device) if device is not None else device_of(model)
@@ -48,13 +53,26 @@ class DensityLossEngine:
         """The tracker on `model`: a new one when the caller swapped its model (the weight carries on)."""
         if self.tracker.model is not model:
             self.tracker.remove()
+            if self.setpoint is not None:
+                step = self.setpoint.current_step
+                self.setpoint.remove()
+                self.setpoint = SparsitySetpoint.from_config(model, self.config)
+                self.setpoint.step(step)
             self.tracker = DensityTracker(model, self.config)
             self._windows = dict.fromkeys(MODES)  # other blocks, other per-block keys
         return self.tracker
 
-    def recording(self, inputs) -> AbstractContextManager:
-        """Record the forward of the model-input batch `inputs` (its attention and decoder masks)."""
+    def recording(self, inputs, step: int | None = None) -> AbstractContextManager:
+        """Record the forward of the model-input batch `inputs` (its attention and decoder masks). `step`: the
+        optimizer steps done before this training forward, which sets the sparsity set-point's ramp."""
+        if self.setpoint is not None and step is not None and step != self.setpoint.current_step:
+            self.setpoint.step(step)
         return self.tracker.record(**self.tracker.masks_for(inputs))
+
+    def check_ramp(self, total_steps: int) -> None:
+        """Warn (SetpointWarning) when the set-point's ramp is longer than a run of `total_steps` optimizer steps."""
+        if self.setpoint is not None:
+            self.setpoint.check_ramp(total_steps)
 
     def term(self, step: int) -> torch.Tensor:
         """The density term of the training forward just recorded, coef × density loss, with coef the weight of
@@ -98,6 +116,8 @@ class DensityLossEngine:
             out[f"{prefix}deft/loss"] = totals.term
         if mode == "train":
             out.update(self.weight.log())
+            if self.setpoint is not None:
+                out["deft/sparsity_setpoint"] = self.setpoint.current_sparsity
             if self.tracker.adaptive is not None:
                 out.update(self.tracker.adaptive.log())
         if per_block:
@@ -110,8 +130,10 @@ class DensityLossEngine:
         self._windows[mode] = None
 
     def remove(self) -> None:
-        """Take the tracker's hooks off the model."""
+        """Take the tracker's (and the set-point's) hooks off the model."""
         self.tracker.remove()
+        if self.setpoint is not None:
+            self.setpoint.remove()
 
     def _window(self, mode: str) -> DensitySums:
         if self._windows[mode] is None:

@@ -22,6 +22,7 @@ then optimises the DEFT loss without knowing about it; wrappers call `module(...
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Mapping
 
@@ -79,6 +80,7 @@ class DensityLossHook:
         self.global_step = 0
         self._record = None  # the open tracker.record() of the running forward
         self._mode = None  # "train" or "eval" for that forward
+        self._paused = False
         self._handles = [
             model.register_forward_pre_hook(self._start, with_kwargs=True),
             # always_call: the recording is closed even when the forward raises.
@@ -87,7 +89,7 @@ class DensityLossHook:
 
     # ------------------------------------------------------------------ hooks
     def _start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._record is not None:
+        if self._record is not None or self._paused:
             return
         training = module.training and torch.is_grad_enabled()
         if not training and (module.training or not self.measure_eval):
@@ -95,7 +97,7 @@ class DensityLossHook:
         inputs = _named_inputs(module, args, kwargs)
         if not training and inputs.get("labels") is None:
             return  # an evaluation forward without labels (generate()): nothing to measure
-        record = self.engine.recording(inputs)
+        record = self.engine.recording(inputs, self.global_step if training else None)
         record.__enter__()
         self._record, self._mode = record, "train" if training else "eval"
 
@@ -120,6 +122,15 @@ class DensityLossHook:
         added = scale * term
         self._adding(added)
         return _with_loss(outputs, (loss + added).to(loss.dtype))
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Forwards inside neither record nor change the loss (e.g. the calibration passes of the thresholds)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
 
     @property
     def tracker(self) -> DensityTracker:

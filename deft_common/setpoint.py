@@ -33,12 +33,12 @@ import torch
 from torch import nn
 
 from .architectures import MlpSite, base_model_of, find_mlp_sites
-from .config import DeftConfig, DeftConfigError
+from .config import SETPOINT_GRADIENTS, SETPOINT_SCHEDULES, DeftConfig, DeftConfigError
 from .tracker import _in_backward, _prompt_tokens, real_rows, stack_masks
 
-GRADIENTS = ("mask", "ste")
+GRADIENTS = SETPOINT_GRADIENTS
 THRESHOLDS = ("batch", "running")
-SCHEDULES = ("linear", "geometric")
+SCHEDULES = SETPOINT_SCHEDULES
 
 
 class SetpointWarning(UserWarning):
@@ -49,7 +49,8 @@ class SparsitySetpoint:
     """A sparsity set-point applied in the training forward at each selected MLP block's capture point.
 
     model:      a plain or PEFT-wrapped HF model (or any module `find_mlp_sites` understands).
-    sparsity:   target fraction of zeroed activations per block, in [0, 1) (future DeftConfig.sparsity_setpoint).
+    sparsity:   target fraction of zeroed activations per block, in [0, 1) (DeftConfig.sparsity_setpoint; the
+                adapters build it with `from_config` through DensityLossEngine).
     ramp_steps: optimizer steps over which the sparsity rises from 0 to `sparsity` (0 = from the first step).
     config:     which blocks and capture point (DeftConfig.layers, .modules, .capture); its loss settings are unused.
     gradient:   "mask" (zeroed entries pass no gradient) or "ste" (straight-through estimator).
@@ -95,6 +96,14 @@ class SparsitySetpoint:
         self._handles = [m.register_forward_pre_hook(self._mask_reader(m), with_kwargs=True)
                          for m in dict.fromkeys([model, base])]
         self._handles += [self._hook(site) for site in self.sites]
+
+    @classmethod
+    def from_config(cls, model: nn.Module, config: DeftConfig) -> "SparsitySetpoint | None":
+        """The set-point DeftConfig.sparsity_setpoint asks for (its ramp, schedule and gradient), None when unset."""
+        if config.sparsity_setpoint is None:
+            return None
+        return cls(model, config.sparsity_setpoint, config.setpoint_ramp_steps, config,
+                   gradient=config.setpoint_gradient, schedule=config.setpoint_schedule)
 
     # ------------------------------------------------------------------ schedule
     def at(self, step: int) -> float:

@@ -48,14 +48,15 @@ from .architectures import MlpSite, base_model_of
 from .config import DeftConfigError
 from .thresholds import zero_at_or_below
 
-# The fallback rule. Measured on 2 shared CPU cores (AMD EPYC, AVX2, load 3-5 from other jobs), fp32, batch 1, one
-# token, dense and sparse interleaved, medians (`python plugins/deft_cli/inference_bench.py --sections mlp`; its
-# `--crossover` forces the sparse path at densities 0.3 ... 0.7 to measure it again): with the C++ kernels the gated Llama-2-7B
-# block ran 0.85x dense at d 0.3 and 1.45x at d 0.2, the non-gated BERT-base block 0.97x at d 0.3 and 1.06x at d 0.2;
-# the plain torch kernels (index_select + mv) ran 0.62x at d 0.3 and 1.3x at d 0.1 on the gated block. Each limit
-# sits below the density where sparse was still faster. More than MAX_SPARSE_ROWS rows at once: the union of active
-# neurons grows towards dense while the dense GEMM gets cheaper per row, so the sparse path stops paying.
-MAX_ACTIVE_FRACTION = {("cpp", True): 0.25, ("cpp", False): 0.25, ("torch", True): 0.15, ("torch", False): 0.15}
+# The fallback rule. Measured on 2 idle CPU cores (AMD EPYC, AVX2), fp32, batch 1, one token, dense and sparse
+# interleaved, medians of 7 rounds, the sparse path forced at each density (`python plugins/deft_cli/inference_bench.py
+# --crossover`): with the C++ kernels the gated Llama-2-7B block ran 1.05x dense at d 0.9, 1.22x at 0.7 and 1.45x at
+# 0.5; the non-gated BERT-base block 0.88x at d 0.5, 1.02x at 0.3 and 1.07x at 0.2 (its 2 ms step is dominated by the
+# dense up-projection and per-call overhead). The plain torch kernels (index_select + mv) ran 0.62x at d 0.3 and
+# 1.3x at d 0.1 on the gated block (2 cores under load). Each limit sits below the density where sparse was still
+# faster. More than MAX_SPARSE_ROWS rows at once: the union of active neurons grows towards dense while the dense
+# GEMM gets cheaper per row, so the sparse path stops paying.
+MAX_ACTIVE_FRACTION = {("cpp", True): 0.7, ("cpp", False): 0.25, ("torch", True): 0.15, ("torch", False): 0.15}
 MAX_SPARSE_ROWS = 4
 
 BACKENDS = ("auto", "cpp", "torch")
@@ -132,7 +133,7 @@ torch::Tensor scatter_rows_matvec(torch::Tensor wt, torch::Tensor idx, torch::Te
 }
 """
 
-_EXTENSION_NAME = "deft_sparse_mlp_v1"
+_EXTENSION_NAME = "deft_sparse_mlp_v2"
 _compiled: dict[str, object] = {}  # extension name -> the loaded module, or None when it could not be built
 
 
@@ -145,8 +146,11 @@ def compile_kernels():
     try:
         from torch.utils.cpp_extension import load_inline
 
+        # -fopenmp: at::parallel_for is OpenMP inside torch's headers; without it the kernels run on one thread.
+        # The extension then shares the OpenMP runtime torch has loaded (same soname), so torch's thread count holds.
         module = load_inline(name, cpp_sources=_CPP_SOURCE, functions=["gather_rows_matvec", "scatter_rows_matvec"],
-                             extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
+                             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                             verbose=False)
     except (RuntimeError, OSError, ImportError) as err:  # compiler or ninja missing, build failed
         warnings.warn(f"deft_common.sparse_mlp: the C++ kernels could not be built ({str(err).splitlines()[0]}); "
                       "using the plain torch kernels (correct, slower). Install a C++ compiler and ninja "
@@ -337,17 +341,22 @@ def install_sparse_mlp(model: nn.Module, site: MlpSite, threshold: float, captur
     fraction_limit = MAX_ACTIVE_FRACTION[(backend, gated is not None)] if max_active_fraction is None \
         else max_active_fraction
     down_rows = _TransposedDown(down if gated is not None else site.down)
+    down_rows.rows()  # the copy is made now, not in the first token's forward
     handle = SparseMlpHandle(site, backend, overridden, [])
     if capture == "act":  # the zeros are made at the activation, as the mask path makes them; the kernels read them
         handle._hooks.append(site.act.register_forward_hook(
             lambda _m, _args, out: zero_at_or_below(out, threshold) if isinstance(out, torch.Tensor) else None))
 
-    def active_columns(nonzero: torch.Tensor) -> torch.Tensor | None:
-        """Indices of the neurons active in any row, or None when the dense path is cheaper (the fallback rule)."""
-        if nonzero.shape[0] > rows_limit:
-            return None
-        active = nonzero.any(0).nonzero().squeeze(1)
-        return active if active.numel() <= fraction_limit * nonzero.shape[1] else None
+    def active_columns(a: torch.Tensor) -> torch.Tensor | None:
+        """Indices of the neurons active (non-zero) in any row of `a` (rows x width), or None when the dense path is
+        cheaper (the fallback rule)."""
+        if a.shape[0] > rows_limit:
+            return None  # decided before reading `a`: many rows cost nothing extra
+        limit = fraction_limit * a.shape[1]
+        if int(torch.count_nonzero(a)) > limit * a.shape[0]:
+            return None  # some row alone is above the limit (one cheap reduction decides most dense cases)
+        active = (a != 0).any(0).nonzero().squeeze(1)
+        return active if active.numel() <= limit else None
 
     if gated is not None:
         act = site.act
@@ -359,7 +368,7 @@ def install_sparse_mlp(model: nn.Module, site: MlpSite, threshold: float, captur
                 return original(block, x, *args, **kwargs)  # prefill and batches: the mask path, unchanged
             flat = x.reshape(-1, x.shape[-1])
             a = act(gate.dense(flat))  # thresholded by the hook
-            active = active_columns(a != 0) if _sparse_allowed(flat, gate.module.weight) else None
+            active = active_columns(a) if _sparse_allowed(flat, gate.module.weight) else None
             if active is None:
                 handle.calls["dense"] += 1
                 h = a * up.dense(flat)
@@ -385,7 +394,7 @@ def install_sparse_mlp(model: nn.Module, site: MlpSite, threshold: float, captur
             if capture == "down_in":
                 h = zero_at_or_below(h, threshold)
             flat = h.reshape(-1, h.shape[-1])
-            active = active_columns(flat != 0) if _sparse_allowed(flat, down.weight) else None
+            active = active_columns(flat) if _sparse_allowed(flat, down.weight) else None
             if active is None:
                 handle.calls["dense"] += 1
                 return original(down, h)

@@ -1,7 +1,8 @@
 """DeepSpeed runs for test_deepspeed.py. Each command runs in its own process(es), so DeepSpeed's distributed state
 never leaks into pytest or between tests; results go to a torch.save file the test compares.
 
-    python deepspeed_worker.py engine OUT                  # raw engine loops, ZeRO 0-3, GA, ADA-DEFT, errors (1 proc)
+    python deepspeed_worker.py engine OUT                  # raw engine loops, ZeRO 0-3, GA, ADA-DEFT, thresholds,
+                                                           # errors (1 proc)
     python -m torch.distributed.run --nproc_per_node 2 deepspeed_worker.py engine_2proc OUT
     python deepspeed_worker.py trainer OUT --stages none,2,3  # HF Trainer (+ DeepSpeed) with deft_hf
 
@@ -149,6 +150,60 @@ def adaptive_steps(batch: dict, stage: int, directory: pathlib.Path) -> dict:
             "partitioned": weights.logits.numel() == 0}
 
 
+THRESHOLDS_CONFIG = DeftConfig(eps=1e-3, threshold=0.02, inference_sparsity=0.7, calibration_batches=1)
+
+
+def thresholds_after_training(batch: dict, stage: int, directory: pathlib.Path, micro: int = ROWS,
+                              first_row: int = 0) -> dict:
+    """DeftConfig.inference_sparsity through DeftLossHook: one optimizer step on this process's rows, then
+    hook.save_thresholds(directory, batches) on every process (calibration_batches=1: only the first batch)."""
+    import deepspeed
+
+    from deft_common import SparsityThresholds, calibrate_thresholds
+    from deft_deepspeed import DeftLossHook
+
+    model = lora_model()
+    hook = DeftLossHook(model, THRESHOLDS_CONFIG)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config={
+        "train_micro_batch_size_per_gpu": micro, "zero_allow_untested_optimizer": True, "steps_per_print": 1_000_000,
+        "zero_optimization": {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {})}})
+    mine = rows(batch, first_row, first_row + micro)
+    engine.backward(engine(**mine).loss)
+    engine.step()
+    saved = hook.save_thresholds(directory, [mine, rows(batch, 0, 1)])
+    result = {"thresholds": saved.thresholds, "tokens": saved.tokens, "log": saved.log()}
+    if stage == 0:  # by hand, deft_common on the trained model and the same batch
+        result["by_hand"] = calibrate_thresholds(model, [mine], 0.7, THRESHOLDS_CONFIG).thresholds
+    torch.distributed.barrier()
+    result["file"] = SparsityThresholds.load(directory).thresholds  # rank 0 wrote it
+    hook.remove()
+    return result
+
+
+def setpoint_steps(batch: dict, stage: int) -> list[dict]:
+    """DeftConfig.sparsity_setpoint through DeftLossHook: 3 optimizer steps of 2 micro-batches (GA 2); the
+    metrics of each step."""
+    import deepspeed
+
+    from deft_deepspeed import DeftLossHook
+
+    model = lora_model()
+    hook = DeftLossHook(model, DeftConfig(coef=0.0, sparsity_setpoint=0.8, setpoint_ramp_steps=2))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config={
+        "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1_000_000, "zero_optimization": {"stage": stage}})
+    metrics = []
+    for _ in range(3):
+        for start in (0, 2):
+            engine.backward(engine(**rows(batch, start, start + 2)).loss)
+            engine.step()
+        metrics.append(hook.last_metrics())
+    hook.remove()
+    return metrics
+
+
 def run_engine(path: pathlib.Path) -> None:
     import deepspeed
 
@@ -168,6 +223,10 @@ def run_engine(path: pathlib.Path) -> None:
         results[f"stage{stage}"] = deepspeed_step(padded, stage, micro=ROWS)
     for stage in (0, 3):
         results[f"adaptive_stage{stage}"] = adaptive_steps(padded, stage, path.parent / f"adaptive_stage{stage}")
+    for stage in (0, 2):
+        results[f"setpoint_stage{stage}"] = setpoint_steps(full, stage)
+    for stage in (0, 3):
+        results[f"thresholds_stage{stage}"] = thresholds_after_training(full, stage, path.parent / f"thresholds{stage}")
     for stage in (0, 3):
         results[f"full_stage{stage}_1x4"] = deepspeed_step(full, stage, micro=ROWS)
         results[f"full_stage{stage}_4x1"] = deepspeed_step(full, stage, micro=1)
@@ -231,6 +290,9 @@ def run_engine_2proc(path: pathlib.Path) -> None:
         if "error" in results[f"stage{stage}"]:  # does DeepSpeed run this setup at all, without DEFT?
             results[f"stage{stage}_plain"] = deepspeed_step(full, stage, micro=per_rank, first_row=rank * per_rank,
                                                             config=None)
+        if "error" not in results[f"stage{stage}"]:
+            results[f"thresholds_stage{stage}"] = thresholds_after_training(
+                full, stage, path.parent / f"thresholds{stage}", micro=per_rank, first_row=rank * per_rank)
     if rank == 0:
         torch.save(results, path)
 

@@ -142,19 +142,27 @@ def run_configs(work: pathlib.Path) -> dict[str, tuple[dict, bool]]:
         },
         # a typo in the block
         "typo": {**LORA, "plugins": [DEFT], "deft": {"cofe": 1.0}},
-        # ADA-DEFT: the layer weights train with LoRA and land in output_dir and the checkpoint
+        # ADA-DEFT: the layer weights train with LoRA and land in output_dir and the checkpoint; with inference
+        # thresholds calibrated on two training batches
         "adaptive": {
             **LORA,
             "plugins": [DEFT],
-            "deft": {"adaptive": True, "skip_budget": 1},
+            "deft": {"adaptive": True, "skip_budget": 1, "inference_sparsity": 0.9, "calibration_batches": 2},
             "save_strategy": "steps",
             "save_steps": 3,
+        },
+        # the sparsity set-point (no density loss), gradient accumulation 2; the thresholds follow the set-point
+        "setpoint": {
+            **LORA,
+            "plugins": [DEFT],
+            "deft": {"coef": 0.0, "sparsity_setpoint": 0.8, "setpoint_ramp_steps": 2},
+            "gradient_accumulation_steps": 2,
         },
         # DeepSpeed ZeRO-2, gradient accumulation 2
         "deepspeed": {
             **LORA,
             "plugins": [DEFT],
-            "deft": {"coef": 1.0},
+            "deft": {"coef": 1.0, "inference_sparsity": 0.8},
             "deepspeed": str(work / "zero2.json"),
             "gradient_accumulation_steps": 2,
         },
@@ -270,6 +278,35 @@ def test_typo_in_deft_block_stops_axolotl_train(runs):
 
 def test_deepspeed_zero2(runs):
     _assert_deft_logged(runs["deepspeed"])
+
+
+def test_setpoint_ramps_to_its_density(runs):
+    run = runs["setpoint"]
+    assert run.returncode == 0, run
+    logs = run.logs
+    assert [entry["deft/sparsity_setpoint"] for entry in logs] == pytest.approx([0.0, 0.4, 0.8]), run
+    assert logs[2]["deft/density"] == pytest.approx(0.2, abs=0.01), logs
+
+
+@pytest.mark.parametrize("name,sparsity,most_tokens", [("adaptive", 0.9, 2 * 2 * 128), ("deepspeed", 0.8, None),
+                                                       ("setpoint", 0.8, None)])
+def test_inference_thresholds_are_written_into_output_dir(runs, work, name, sparsity, most_tokens):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from deft_common import SparsityThresholds
+
+    run = runs[name]
+    assert run.returncode == 0, run
+    assert run.output.count(f"DEFT: inference thresholds (sparsity {sparsity:g}") == 1, run
+    output_dir = pathlib.Path(run.config["output_dir"])
+    saved = SparsityThresholds.load(output_dir)
+    assert saved.calibrated == pytest.approx({n: sparsity for n in saved.thresholds}, abs=1e-6)
+    if most_tokens is not None:  # calibration_batches: 2 of micro_batch_size 2
+        assert saved.tokens <= most_tokens
+    assert not (output_dir / "checkpoint-3" / "deft_thresholds.json").exists()
+    fresh = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(work / "model"), output_dir)
+    assert [site.name for site in saved.sites_in(fresh)] == ["model.layers.0.mlp", "model.layers.1.mlp"]
 
 
 def test_adaptive_weights_train_are_logged_and_saved_in_output_dir(runs, work):

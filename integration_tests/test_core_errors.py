@@ -28,6 +28,17 @@ from fixtures import make_batch, make_model
         ({"layers": []}, "layers", "a range such as '2-5'"),
         ({"modules": "ffn("}, "modules", "not a valid regular expression"),
         ({"modules": []}, "modules", "non-empty list"),
+        ({"sparsity_setpoint": 1.0}, "sparsity_setpoint", "must be below 1"),
+        ({"sparsity_setpoint": -0.5}, "sparsity_setpoint", "fraction in [0, 1)"),
+        ({"sparsity_setpoint": 0.9, "setpoint_ramp_steps": -1}, "setpoint_ramp_steps", "whole number >= 0"),
+        ({"setpoint_ramp_steps": 10}, "setpoint_ramp_steps", "set sparsity_setpoint too"),
+        ({"setpoint_schedule": "cosine"}, "setpoint_schedule", "'geometric'"),
+        ({"setpoint_gradient": "straight"}, "setpoint_gradient", "'ste'"),
+        ({"inference_sparsity": 1.0}, "inference_sparsity", "must be below 1"),
+        ({"inference_sparsity": -0.1}, "inference_sparsity", "fraction in [0, 1)"),
+        ({"inference_sparsity": "0.9"}, "inference_sparsity", "must be a number"),
+        ({"calibration_batches": 0}, "calibration_batches", "whole number >= 1"),
+        ({"calibration_batches": 2.0}, "calibration_batches", "whole number >= 1"),
     ],
 )
 def test_bad_setting_names_the_field_and_the_fix(settings, field, fix):

@@ -168,6 +168,35 @@ def test_ada_deft_weights_train_are_logged_and_saved(engine, stage):
         assert run["core_save_error"] is None
 
 
+@pytest.mark.parametrize("stage", [0, 2])
+def test_setpoint_ramps_to_its_density_with_gradient_accumulation(engine, stage):
+    metrics = engine[f"setpoint_stage{stage}"]
+    assert [m["deft/sparsity_setpoint"] for m in metrics] == pytest.approx([0.0, 0.4, 0.8])
+    assert metrics[0]["deft/density"] == pytest.approx(1.0)
+    assert metrics[2]["deft/density"] == pytest.approx(0.2, abs=0.01)
+
+
+def test_inference_thresholds_are_calibrated_and_written_under_zero_0_and_3(engine):
+    zero0, zero3 = engine["thresholds_stage0"], engine["thresholds_stage3"]
+    assert zero0["thresholds"] == pytest.approx(zero0["by_hand"], rel=1e-6)  # the trained model, first batch only
+    assert zero0["tokens"] == zero3["tokens"] == 4 * 12  # calibration_batches=1: the second batch is not read
+    assert zero3["thresholds"] == pytest.approx(zero0["thresholds"], rel=1e-3)  # gathered ZeRO-3 forward
+    for run in (zero0, zero3):
+        assert run["file"] == run["thresholds"]
+        assert run["log"]["deft/inference_sparsity"] == pytest.approx(0.7)
+        assert run["log"]["deft/calibrated_density"] == pytest.approx(0.3, abs=1e-6)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_inference_thresholds_in_two_processes_sum_the_counts(engine, two_processes, stage):
+    if "error" in two_processes[f"stage{stage}"]:  # the training step itself failed: see the test above
+        pytest.skip(f"deepspeed {engine['deepspeed_version']} cannot run ZeRO-{stage} in 2 CPU processes")
+    run, single = two_processes[f"thresholds_stage{stage}"], engine["thresholds_stage0"]
+    assert run["tokens"] == single["tokens"]  # 2 rows per process, summed: the 4 rows of the single process
+    assert run["thresholds"] == pytest.approx(single["thresholds"], rel=1e-3)
+    assert run["file"] == run["thresholds"]
+
+
 def test_model_without_loss_is_a_clear_error(engine):
     message = engine["no_loss_error"]
     assert message is not None, "a forward without labels passed silently"

@@ -44,10 +44,10 @@ def run_cli(*args) -> int:
 def test_demo_end_to_end(bert_dir, tmp_path, capsys):
     data = write_labelled_jsonl(tmp_path / "labelled.jsonl", n=64)
     out = tmp_path / "out"
-    # A strong fixed weight with a wide ε, so that the density of this tiny random model visibly falls in 8 steps.
+    # The paper's density loss (no set-point): a strong fixed weight with a wide ε, so that the density of this tiny random model visibly falls in 8 steps.
     code = run_cli("demo", "--model", bert_dir, "--data", data, "--out", out, "--steps", 8, "--batch-size", 8,
                    "--max-length", 32, "--train-size", 48, "--eval-size", 16, "--lr", 0.02,
-                   "--target-density", "none", "--coef", 5.0, "--eps", 1e-2)
+                   "--sparsity-setpoint", "none", "--target-density", "none", "--coef", 5.0, "--eps", 1e-2)
     assert code == 0
     printed = capsys.readouterr().out
     assert "exact-zero" in printed and "held-out accuracy" in printed and "peak memory" in printed
@@ -64,12 +64,43 @@ def test_demo_end_to_end(bert_dir, tmp_path, capsys):
     assert results["deft"]["density_thresholded"] < results["peft"]["density_thresholded"] - 0.005
     assert (out / "density.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # The frontier: every grid sparsity for both runs, calibrated on training texts, scored on the held-out ones.
+    from deft_cli.frontier import SPARSITY_GRID, USABLE_TOLERANCE
+
+    assert "Accuracy-sparsity frontier" in printed and "usable sparsity" in printed
+    for run in ("peft", "deft"):
+        frontier = results["frontier"][run]
+        assert [p["sparsity"] for p in frontier] == list(SPARSITY_GRID)
+        assert frontier[0] == {"sparsity": 0.0, "density": results[run]["density"], "accuracy": results[run]["accuracy"]}
+        densities = [p["density"] for p in frontier]
+        assert all(b < a for a, b in zip(densities[1:], densities[2:]))  # each sparsity zeroes more
+        assert densities[-1] < 0.05 and all(len(p) == 3 and 0 <= p["accuracy"] <= 1 for p in frontier)
+        within = [p["sparsity"] for p in frontier
+                  if p["accuracy"] >= results["peft"]["accuracy"] - USABLE_TOLERANCE - 1e-12]
+        assert results["usable_sparsity"][run] == (max(within) if within else None)
+    assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_default_deft_run_trains_at_the_sparsity_setpoint(bert_dir, tmp_path, capsys):
+    data = write_labelled_jsonl(tmp_path / "labelled.jsonl", n=32)
+    out = tmp_path / "out"
+    assert run_cli("demo", "--model", bert_dir, "--data", data, "--out", out, "--steps", 10, "--batch-size", 8,
+                   "--max-length", 16, "--train-size", 24, "--eval-size", 8) == 0
+    results = json.loads((out / "results.json").read_text())
+    config = results["deft_config"]
+    assert (config["sparsity_setpoint"], config["setpoint_ramp_steps"], config["coef"]) == (0.995, 6, 0.0)
+    history = results["deft"]["history"]
+    assert [h["sparsity_setpoint"] for h in history[:7]] == pytest.approx([0.995 * i / 6 for i in range(7)], abs=1e-5)
+    assert all(h["density"] == pytest.approx(0.005, abs=0.003) for h in history[6:])  # the masked training forward
+    assert "sparsity set-point 0.995, ramped over 6 steps" in capsys.readouterr().out
+
 
 def test_demo_target_density_logs_the_controller(bert_dir, tmp_path):
     data = write_labelled_jsonl(tmp_path / "labelled.jsonl", n=32)
     out = tmp_path / "out"
     assert run_cli("demo", "--model", bert_dir, "--data", data, "--out", out, "--steps", 4, "--batch-size", 8,
-                   "--max-length", 16, "--train-size", 24, "--eval-size", 8, "--target-density", 0.5) == 0
+                   "--max-length", 16, "--train-size", 24, "--eval-size", 8, "--target-density", 0.5,
+                   "--sparsity-setpoint", "none") == 0
     results = json.loads((out / "results.json").read_text())
     history = results["deft"]["history"]
     # density ≈ 1 > target: the weight starts at 0 and rises every step

@@ -23,7 +23,9 @@ from transformers import (
     default_data_collator,
 )
 
-from deft_common import DeftConfig, DeftConfigError, attach_layer_weights, layer_weights
+from deft_common import (DeftConfig, DeftConfigError, DensityTracker, SparsityThresholds, apply_thresholds,
+                         attach_layer_weights, calibrate_thresholds, layer_weights)
+from deft_common.thresholds import THRESHOLDS_FILE
 from deft_hf import DeftCallback, DeftCallbackError, DeftTrainerMixin
 
 KINDS = ["callback", "mixin"]
@@ -246,6 +248,128 @@ def test_ada_deft_refuses_an_optimizer_built_without_the_weights(kind, tmp_path)
     attach_layer_weights(model, DeftConfig(adaptive=True))  # the documented fix
     trainer_with_own_optimizer(model).train()
     assert layer_weights(model).logits.detach().abs().max() > 0
+
+
+# ----------------------------------------------------------------------------------------- sparsity set-point
+SETPOINT = DeftConfig(coef=0.0, sparsity_setpoint=0.8, setpoint_ramp_steps=2)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_setpoint_ramps_to_its_density_with_gradient_accumulation(kind, tmp_path):
+    trainer = build_trainer(kind, lora_model(make_model("llama")), make_train_dataset("llama", n=24, seq_len=12),
+                            SETPOINT, tmp_path, collator=make_collator("llama"), optim="adamw_torch",
+                            learning_rate=1e-3, max_steps=3, per_device_train_batch_size=2,
+                            gradient_accumulation_steps=2)
+    trainer.train()
+    logs = train_logs(trainer)
+    # each step's forwards use the set-point of the optimizer steps done before it: 0, then half-way, then reached
+    assert [h["deft/sparsity_setpoint"] for h in logs] == pytest.approx([0.0, 0.4, 0.8])
+    assert logs[0]["deft/density"] == pytest.approx(1.0)  # SiLU: no exact zeros without the set-point
+    assert logs[2]["deft/density"] == pytest.approx(0.2, abs=0.01)  # the masked training activations
+    assert "deft/loss" not in logs[0] or logs[0]["deft/loss"] == 0.0  # coef 0: the set-point alone
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_setpoint_step_equals_deft_common_by_hand(kind, tmp_path):
+    # set-point 0.5 from the first step together with the paper's loss (coef 2): loss and gradients as by hand
+    from deft_common.setpoint import SparsitySetpoint
+
+    config = DeftConfig(coef=2.0, sparsity_setpoint=0.5)
+    batch = make_batch("llama", batch_size=4, seq_len=8)
+    model = disable_dropout(lora_model(make_model("llama")))
+    setpoint = SparsitySetpoint(model, 0.5, config=config)
+    ref_loss, ref_grads = reference_step(model, batch, config)
+    setpoint.remove()
+    _, dense_grads = reference_step(model, batch, config)
+    capture = GradCapture()
+    trainer = build_trainer(kind, model, dataset_from_batch(batch), config, tmp_path, callbacks=[capture])
+    trainer.train()
+    assert train_logs(trainer)[0]["loss"] == pytest.approx(ref_loss, rel=1e-5)
+    assert_grads_close(capture.grads, ref_grads)
+    assert any(not torch.allclose(ref_grads[n], dense_grads[n], rtol=1e-3) for n in ref_grads)  # the mask acted
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_resumed_run_continues_the_setpoint_ramp(kind, tmp_path):
+    config = DeftConfig(coef=0.0, sparsity_setpoint=0.9, setpoint_ramp_steps=4)
+
+    def run(out, **train_kwargs):
+        trainer = build_trainer(kind, lora_model(make_model("llama")), make_train_dataset("llama", n=16, seq_len=12),
+                                config, tmp_path, collator=make_collator("llama"), optim="adamw_torch",
+                                learning_rate=1e-3, max_steps=4, per_device_train_batch_size=2, output_dir=str(out),
+                                save_strategy="steps", save_steps=2)
+        trainer.train(**train_kwargs)
+        return train_logs(trainer)
+
+    whole = run(tmp_path / "whole")
+    resumed = run(tmp_path / "resumed", resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2"))
+    assert [h["deft/sparsity_setpoint"] for h in whole] == pytest.approx([0.0, 0.225, 0.45, 0.675])
+    assert [h["deft/sparsity_setpoint"] for h in resumed] == pytest.approx([h["deft/sparsity_setpoint"] for h in whole])
+    assert resumed[3]["deft/density"] == pytest.approx(whole[3]["deft/density"], abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_setpoint_ramp_longer_than_the_run_warns(kind, tmp_path):
+    from deft_common.setpoint import SetpointWarning
+
+    model, dataset = _llama_setup()
+    trainer = build_trainer(kind, model, dataset, DeftConfig(coef=0.0, sparsity_setpoint=0.9, setpoint_ramp_steps=10),
+                            tmp_path, max_steps=2)
+    with pytest.warns(SetpointWarning, match="setpoint_ramp_steps=10 is longer than the run .2 steps"):
+        trainer.train()
+
+
+# ----------------------------------------------------------------------------------------- inference thresholds
+@pytest.mark.parametrize("family,trainer_cls", [("llama", Trainer), ("t5", Seq2SeqTrainer)])
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_model_writes_the_inference_thresholds_of_the_trained_model(kind, family, trainer_cls, tmp_path):
+    from peft import PeftModel
+
+    dataset, collator = make_train_dataset(family, n=16, seq_len=12), make_collator(family)
+    config = DeftConfig(inference_sparsity=0.8, calibration_batches=100)  # more than there are: every batch
+    model = lora_model(make_model(family))
+    trainer = build_trainer(kind, model, dataset, config, tmp_path, trainer_cls, collator=collator, max_steps=2,
+                            optim="adamw_torch", learning_rate=1e-2, save_strategy="steps", save_steps=2)
+    trainer.train()
+    assert not (tmp_path / "out" / "checkpoint-2" / THRESHOLDS_FILE).exists()  # checkpoints are not calibrated
+    trainer.save_model(str(tmp_path / "final"))
+
+    if kind == "callback":  # the calibration forwards carry labels but are no evaluation
+        callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, DeftCallback))
+        assert callback.metrics.pop("eval") == {}
+        callback.remove()
+    else:
+        trainer.deft_tracker.remove()  # DEFT's hooks off: the by-hand calibration below sees a plain model
+
+    saved = SparsityThresholds.load(tmp_path / "final")
+    batches = [collator([dataset[i] for i in range(start, start + 4)]) for start in range(0, len(dataset), 4)]
+    by_hand = calibrate_thresholds(model, batches, 0.8, config)  # the trained model, every training batch
+    assert saved.tokens == by_hand.tokens
+    assert saved.thresholds == pytest.approx(by_hand.thresholds, rel=1e-3)
+    logged = [h for h in trainer.state.log_history if "deft/inference_sparsity" in h]
+    assert len(logged) == 1 and logged[0]["deft/inference_sparsity"] == pytest.approx(0.8)
+    assert logged[0]["deft/calibrated_density"] == pytest.approx(saved.mean_calibrated_density())
+
+    fresh = PeftModel.from_pretrained(make_model(family), tmp_path / "final")  # what a user loads
+    with apply_thresholds(fresh, SparsityThresholds.load(tmp_path / "final")), torch.no_grad():
+        tracker = DensityTracker(fresh, DeftConfig())  # after the thresholds' hooks: it sees their zeros
+        fresh.eval()
+        for batch in batches:
+            with tracker.record(**tracker.masks_for(batch)):
+                fresh(**batch)
+            assert tracker.mean_density(0.0) == pytest.approx(0.2, abs=0.1)
+        tracker.remove()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_without_inference_sparsity_no_thresholds_are_written(kind, tmp_path):
+    model, dataset = _llama_setup()
+    trainer = build_trainer(kind, lora_model(model), dataset, DeftConfig(), tmp_path)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "final" / THRESHOLDS_FILE).exists()
+    assert not [h for h in trainer.state.log_history if "deft/inference_sparsity" in h]
 
 
 # ----------------------------------------------------------------------------------------- metrics

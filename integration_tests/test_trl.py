@@ -17,7 +17,7 @@ datasets = pytest.importorskip("datasets")
 
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
-from deft_common import DeftConfig, layer_weights  # noqa: E402
+from deft_common import DeftConfig, SparsityThresholds, find_mlp_sites, layer_weights  # noqa: E402
 from deft_hf import DeftCallback, DeftCallbackError  # noqa: E402
 from deft_trl import DeftSFTMixin  # noqa: E402
 
@@ -145,6 +145,39 @@ def test_sft_mixin_ada_deft_with_trl_peft_config_trains_logs_and_saves_the_weigh
     for folder in (tmp_path / "out" / "checkpoint-2", tmp_path / "out"):
         fresh = PeftModel.from_pretrained(make_model("llama"), folder)
         assert_ada_deft_reloads(folder, fresh, trained_logits=weights.logits)
+
+
+def test_sft_mixin_writes_inference_thresholds_on_calibration_batches_only(tmp_path):
+    from peft import LoraConfig, PeftModel
+
+    batch = make_batch("llama", batch_size=8, seq_len=8)  # 2 training batches of 4; 60 real tokens in all
+    config = DeftConfig(inference_sparsity=0.9, calibration_batches=1)
+    trainer = sft_trainer(make_model("llama"), sft_dataset(batch), tmp_path, config, max_steps=2, optim="adamw_torch",
+                          learning_rate=1e-3, trainer_kwargs={"peft_config": LoraConfig(r=4, target_modules=["q_proj"])})
+    trainer.train()
+    trainer.save_model()
+    saved = SparsityThresholds.load(tmp_path / "out")
+    assert 4 * 8 - 4 <= saved.tokens <= 4 * 8  # one batch of 4 rows (one of them may be the half-padded row)
+    assert saved.calibrated == pytest.approx({name: 0.9 for name in saved.thresholds}, abs=1e-6)
+    fresh = PeftModel.from_pretrained(make_model("llama"), tmp_path / "out")
+    assert [site.name for site in saved.sites_in(fresh)] == [site.name for site in find_mlp_sites(fresh, config)]
+    logged = [h for h in trainer.state.log_history if "deft/inference_sparsity" in h]
+    assert logged and logged[-1]["deft/calibrated_density"] == pytest.approx(0.1, abs=1e-6)
+
+
+def test_sft_mixin_setpoint_ramps_with_gradient_accumulation_and_the_thresholds_follow_it(tmp_path):
+    batch = make_batch("llama", batch_size=8, seq_len=8)
+    config = DeftConfig(coef=0.0, sparsity_setpoint=0.8, setpoint_ramp_steps=2)
+    trainer = sft_trainer(lora_model(make_model("llama")), sft_dataset(batch), tmp_path, config, max_steps=3,
+                          optim="adamw_torch", learning_rate=1e-3, per_device_train_batch_size=2,
+                          gradient_accumulation_steps=2)
+    trainer.train()
+    logs = train_logs(trainer)
+    assert [h["deft/sparsity_setpoint"] for h in logs] == pytest.approx([0.0, 0.4, 0.8])
+    assert logs[2]["deft/density"] == pytest.approx(0.2, abs=0.01)
+    trainer.save_model()
+    saved = SparsityThresholds.load(tmp_path / "out")  # no inference_sparsity: at the set-point trained
+    assert saved.sparsity == {name: 0.8 for name in saved.thresholds}
 
 
 @pytest.mark.skipif(not TRL_OWN_LOSS, reason="TRL < 1.15 SFTTrainer optimises the model's outputs.loss")

@@ -17,7 +17,8 @@ What each hook does:
   chosen the trainer class).
 - post_train: logs the final density, with `adaptive: true` writes the ADA-DEFT layer weights into output_dir
   (deft_adaptive.json, beside the adapter Axolotl saves there next), and removes the hooks (Axolotl 0.19 calls it
-  twice; the second call is a no-op). Checkpoints get the weights from the trainer's save_model (deft_hf mixin).
+  twice; the second call is a no-op); with `inference_sparsity` (or `sparsity_setpoint`) it calibrates the inference thresholds and writes
+  deft_thresholds.json into output_dir too. Checkpoints get the weights from the trainer's save_model (deft_hf mixin).
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ from axolotl.utils.logging import get_logger
 
 from deft_common import DeftConfig, DeftConfigError
 from deft_common.adaptive import WEIGHTS_FILE
+from deft_common.thresholds import THRESHOLDS_FILE
 
 from .args import DeftBlock
-from .trainer import deft_trainer_class, is_deft_trainer, save_layer_weights_with_model
+from .trainer import deft_trainer_class, is_deft_trainer, save_layer_weights_with_model, save_thresholds_with_model
 
 # Axolotl's console shows INFO only from loggers under "axolotl."; this name puts DEFT's messages with its own.
 LOG = get_logger("axolotl.integrations.deft")
@@ -141,6 +143,10 @@ class DeftPlugin(BasePlugin):
             # Axolotl saves the final model with model.save_pretrained (no trainer.save_model) on most setups.
             save_layer_weights_with_model(trainer, cfg.output_dir)
             LOG.info(f"DEFT: ADA-DEFT layer weights saved to {cfg.output_dir}/{WEIGHTS_FILE}")
+        if trainer.deft_config.thresholds_sparsity is not None:
+            thresholds = save_thresholds_with_model(trainer, cfg.output_dir, trainer.deft_config)
+            LOG.info(f"DEFT: inference thresholds (sparsity {trainer.deft_config.thresholds_sparsity:g}, calibrated "
+                     f"density {thresholds.mean_calibrated_density():.4f}) saved to {cfg.output_dir}/{THRESHOLDS_FILE}")
         trainer.deft_tracker.remove()  # the trained model goes back to its callers without DEFT's hooks
 
 

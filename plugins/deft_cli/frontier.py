@@ -19,14 +19,18 @@ USABLE_TOLERANCE = 0.01  # "usable": at most 1 point below the dense PEFT accura
 
 
 def accuracy_frontier(model, body, calibration_batches, scored_batches, grid=SPARSITY_GRID,
-                      config: DeftConfig | None = None) -> list[dict]:
+                      config: DeftConfig | None = None, dense: dict | None = None, progress=None) -> list[dict]:
     """[{"sparsity", "density", "accuracy"}] over `grid`. `model(**inputs).logits` classifies; `body` is the
     transformer inside it whose MLP blocks are thresholded (the model itself when it has no wrapper);
-    batches carry "labels". Sparsity 0 is the dense model (no threshold)."""
+    batches carry "labels". Sparsity 0 is the dense model (no threshold); `dense` ({"density", "accuracy"} of
+    the same scored batches, already measured) saves its pass. `progress(points)` wraps the grid (e.g. tqdm)."""
     config = config if config is not None else DeftConfig(coef=0.0)
     histograms = measure_histograms(body, [_inputs(b) for b in calibration_batches], config)
     frontier = []
-    for sparsity in grid:
+    for sparsity in (progress or list)(grid):
+        if sparsity == 0 and dense is not None:
+            frontier.append({"sparsity": 0.0, "density": dense["density"], "accuracy": dense["accuracy"]})
+            continue
         handle = apply_thresholds(body, histograms.thresholds(sparsity)) if sparsity > 0 else None
         try:
             accuracy, layers = _score(model, body, scored_batches)

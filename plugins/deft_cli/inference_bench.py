@@ -40,6 +40,7 @@ DECODE_NEW_TOKENS = {False: 32, True: 8}
 PROMPT_TOKENS = 8
 ENCODER_SPARSITY = 0.99
 ENCODER_BATCH = {False: (32, 128), True: (4, 16)}
+MLP_TIMED_SECONDS = 0.05  # each mlp timing calls the block this long at least (a 2 ms block: 25 calls)
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -122,10 +123,11 @@ def _mlp_rows(tiny: bool, dtypes, densities, rounds: int, **rule) -> list[dict]:
             block = _mlp_block(gated, hidden, intermediate, dtype)
             site = find_mlp_sites(block, DeftConfig(capture="act"))[0]
             x = torch.randn(1, 1, hidden, generator=torch.Generator().manual_seed(2)).to(dtype)
-            calls = 3 if not tiny else 20
+            run = _no_grad(lambda: block(x))
+            calls = 20 if tiny else max(3, round(MLP_TIMED_SECONDS / _seconds(run, 3)))  # small blocks: more calls
             for density in densities:
                 tau = _tau_for_density(block, site, density, dtype)
-                run, sparse_on = _no_grad(lambda: block(x)), lambda: _sparse_block(block, site, tau, rule)
+                sparse_on = lambda: _sparse_block(block, site, tau, rule)
                 dense_s, sparse_s = _interleaved(run, sparse_on, rounds, calls, warm=True)
                 speedup = dense_s / sparse_s
                 limit = mlp_limit(gated, density)
@@ -272,7 +274,7 @@ def run_inference_bench(out_dir, tiny: bool = False, rounds: int | None = None, 
     return results
 
 
-def measure_crossover(densities=(0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7), rounds: int = 15, backend="auto"):
+def measure_crossover(densities=(0.2, 0.3, 0.5, 0.7, 0.9), rounds: int = 7, backend="auto"):
     """The sparse path forced on (max_active_fraction=1) at each density: the rows where speedup crosses 1 set
     deft_common.sparse_mlp.MAX_ACTIVE_FRACTION."""
     return _mlp_rows(False, [torch.float32], densities, rounds, max_active_fraction=1.0, backend=backend)

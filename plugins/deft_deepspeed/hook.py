@@ -15,7 +15,10 @@ exactly like the task loss, under every ZeRO stage. This module adds what DeepSp
 - ADA-DEFT (DeftConfig(adaptive=True)): the hook attaches the per-layer weights to the model, so built before
   `deepspeed.initialize` they are among `model.parameters()` that the engine's optimizer trains (also partitioned
   under ZeRO-3); `hook.save_layer_weights(DIR)` (or `save_layer_weights(model, DIR)`) writes them beside the saved
-  adapter, gathering them under ZeRO-3.
+  adapter, gathering them under ZeRO-3;
+- inference thresholds (DeftConfig(inference_sparsity=0.9)): `hook.save_thresholds(DIR, batches)` at the end of
+  training calibrates them on the first `calibration_batches` training batches (every rank calls it; the counts are
+  summed over processes, rank 0 writes DIR/deft_thresholds.json).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from torch import nn
 from deft_common import DeftConfig, DeftConfigError, layer_weights
 from deft_common.adaptive_weights import save_gathered_layer_weights
 from deft_common.loss_hook import DensityLossHook
+from deft_common.thresholds import SparsityThresholds, save_inference_thresholds
 
 # deepspeed 0.19.8 (PR #8245) divides the whole loss by GAS once and keeps the output hooks from scaling again.
 FIXED_GAS_SCALING = (0, 19, 8)
@@ -49,7 +53,8 @@ class DeftLossHook(DensityLossHook):
                                           # (+ deft/coef and the controller's keys with target_density)
 
     hook.tracker is the DensityTracker, hook.density() the last forward's {MLP block: density},
-    hook.save_layer_weights(DIR) the ADA-DEFT weights (adaptive=True), hook.remove() takes every hook off.
+    hook.save_layer_weights(DIR) the ADA-DEFT weights (adaptive=True), hook.save_thresholds(DIR, batches) the
+    inference thresholds (inference_sparsity), hook.remove() takes every hook off.
     Under the HF Trainer use deft_hf instead: the Trainer rescales the loss (num_items_in_batch) in ways only its own
     integration accounts for.
     """
@@ -83,6 +88,14 @@ class DeftLossHook(DensityLossHook):
     def save_layer_weights(self, directory) -> pathlib.Path | None:
         """ADA-DEFT: write the model's layer weights to DIRECTORY/deft_adaptive.json (see save_layer_weights)."""
         return save_layer_weights(self.model, directory)
+
+    def save_thresholds(self, directory, batches) -> SparsityThresholds:
+        """DeftConfig.thresholds_sparsity (inference_sparsity, else sparsity_setpoint): calibrate the inference thresholds on the first `calibration_batches` of
+        `batches` (model-input dicts, e.g. the training loader) and write DIRECTORY/deft_thresholds.json (rank 0
+        writes; every rank must call it, the counts are summed over processes). Returns the thresholds;
+        `thresholds.log()` gives deft/inference_sparsity and deft/calibrated_density for the run's logger."""
+        with self.paused():
+            return save_inference_thresholds(self.model, batches, self.config, directory)
 
     def _adding(self, added: torch.Tensor) -> None:
         engine = self._engine_ref() if self._engine_ref is not None else None

@@ -13,6 +13,10 @@ TensorBoard and W&B all get them.
 ADA-DEFT (DeftConfig(adaptive=True)): the hook attaches the per-layer weights to the model at on_init_end, before
 the Trainer builds its optimizer in `train()`; the callback makes `trainer.save_model` (which also writes every
 checkpoint) write them beside the saved model as deft_adaptive.json, and logs deft/adaptive_weight/<layer>.
+Inference thresholds (DeftConfig(inference_sparsity=0.9), or at sparsity_setpoint): a user's
+`trainer.save_model(DIR)` also calibrates them on the first `calibration_batches` training batches and writes
+DIR/deft_thresholds.json, logging deft/inference_sparsity and deft/calibrated_density (as DeftTrainerMixin does).
+
 Checkpoints also keep the controller's state and the ADA-DEFT weights (in trainer_state.json), so that
 `train(resume_from_checkpoint=...)` continues them (trainer_support.TrainerResumeState).
 
@@ -23,6 +27,7 @@ optimizer step, any trainer whose backward never reached the added term. Those n
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 from importlib.metadata import version
@@ -38,7 +43,7 @@ from .metrics import DeftMetrics
 from .mixin import DeftTrainerMixin
 from .trainer_support import (TrainerResumeState, check_layer_weights_in_optimizer, density_term_scale,
                               disable_ignored_loss_kwargs, ensure_non_reentrant_checkpointing,
-                              save_layer_weights_with_model)
+                              save_layer_weights_with_model, save_thresholds_with_model)
 
 
 class DeftCallbackError(RuntimeError):
@@ -88,6 +93,7 @@ class DeftCallback(TrainerCallback):
         disable_ignored_loss_kwargs(self.trainer)
         ensure_non_reentrant_checkpointing(model)
         check_layer_weights_in_optimizer(self.trainer)  # the Trainer built its optimizer just before this event
+        self.hook.engine.check_ramp(state.max_steps)
         self._terms_in_flight = 0
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -145,8 +151,9 @@ class DeftCallback(TrainerCallback):
             callbacks.insert(0, self)
         if self._resume is None or self._resume.trainer is not trainer:
             self._resume = TrainerResumeState(trainer, lambda: self.hook.weight)
-        if self.config.adaptive and not hasattr(trainer.save_model, "deft_saves_layer_weights"):
-            trainer.save_model = _saving_layer_weights(trainer)
+        saves_files = self.config.adaptive or self.config.thresholds_sparsity is not None
+        if saves_files and not hasattr(trainer.save_model, "deft_saves_files"):
+            trainer.save_model = _saving_deft_files(trainer, self)
 
     def _reached_backward(self, grad):
         self._terms_in_flight -= 1
@@ -186,19 +193,24 @@ class _TrainerLossHook(DensityLossHook):
         )
 
 
-def _saving_layer_weights(trainer):
-    """`trainer.save_model` that also writes the ADA-DEFT weights into the same folder. No callback event follows
-    `save_model` (a user's final save), so the bound method is wrapped on this trainer instance; the Trainer's own
-    checkpoints call `self.save_model` and get the weights too."""
+def _saving_deft_files(trainer, callback: DeftCallback):
+    """`trainer.save_model` that also writes DEFT's files into the same folder: the ADA-DEFT weights (also in every
+    checkpoint) and, for a user's save, the inference thresholds (calibrated with the hook paused, so those forwards
+    are not measured as an evaluation). No callback event follows `save_model` (a user's final save), so the bound
+    method is wrapped on this trainer instance; the Trainer's own checkpoints call `self.save_model` too."""
     save_model = trainer.save_model
 
     @functools.wraps(save_model)
-    def save_model_and_layer_weights(output_dir=None, _internal_call=False):
+    def save_model_and_deft_files(output_dir=None, _internal_call=False):
         save_model(output_dir, _internal_call=_internal_call)
-        save_layer_weights_with_model(trainer, output_dir if output_dir is not None else trainer.args.output_dir)
+        output_dir = output_dir if output_dir is not None else trainer.args.output_dir
+        save_layer_weights_with_model(trainer, output_dir)
+        if not _internal_call:
+            with callback.hook.paused() if callback.hook is not None else contextlib.nullcontext():
+                save_thresholds_with_model(trainer, output_dir, callback.config)
 
-    save_model_and_layer_weights.deft_saves_layer_weights = True
-    return save_model_and_layer_weights
+    save_model_and_deft_files.deft_saves_files = True
+    return save_model_and_deft_files
 
 
 def _calling_trainer() -> transformers.Trainer | None:

@@ -20,6 +20,15 @@ Trainer builds its optimizer in `train()`, so they train with the model; `save_m
 them beside the saved model as deft_adaptive.json (deft_common.load_layer_weights reads them back), and the logs
 get deft/adaptive_weight/<layer>.
 
+Inference thresholds (DeftConfig(inference_sparsity=0.9), or at sparsity_setpoint): `save_model(DIR)` (a user's
+call, not the checkpoints) calibrates them on the first `calibration_batches` training batches and writes
+DIR/deft_thresholds.json (deft_common.SparsityThresholds.load reads it back), and logs deft/inference_sparsity and
+deft/calibrated_density.
+
+Sparsity set-point (DeftConfig(sparsity_setpoint=0.995, setpoint_ramp_steps=...)): each training forward keeps only
+each MLP block's largest activations (deft_common.setpoint), ramped by state.global_step, so a resumed run continues
+the ramp; the logs get deft/sparsity_setpoint.
+
 Checkpoints also keep the controller's state and the ADA-DEFT weights (in trainer_state.json), so that
 `train(resume_from_checkpoint=...)` continues them (trainer_support.TrainerResumeState).
 
@@ -45,7 +54,7 @@ from deft_common.loss_engine import DensityLossEngine
 from .metrics import DeftMetrics
 from .trainer_support import (TrainerResumeState, check_layer_weights_in_optimizer, density_term_scale,
                               disable_ignored_loss_kwargs, ensure_non_reentrant_checkpointing,
-                              save_layer_weights_with_model)
+                              save_layer_weights_with_model, save_thresholds_with_model)
 
 
 class DeftTrainerMixin:
@@ -85,10 +94,12 @@ class DeftTrainerMixin:
         if training:
             self._deft_resume.restore_if_resumed()
             ensure_non_reentrant_checkpointing(self.model)
-            if self.optimizer is not self._deft_checked_optimizer:
+            if self.optimizer is not self._deft_checked_optimizer:  # once per train()
                 check_layer_weights_in_optimizer(self)
+                engine.check_ramp(self.state.max_steps)
                 self._deft_checked_optimizer = self.optimizer
-        with engine.recording(inputs):  # masks read before super(): Trainer pops the labels for label smoothing
+        # masks read before super(): Trainer pops the labels for label smoothing
+        with engine.recording(inputs, self.state.global_step if training else None):
             result = super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
@@ -102,7 +113,10 @@ class DeftTrainerMixin:
 
     def save_model(self, output_dir=None, _internal_call=False):
         super().save_model(output_dir, _internal_call=_internal_call)  # checkpoints come through here too
-        save_layer_weights_with_model(self, output_dir if output_dir is not None else self.args.output_dir)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        save_layer_weights_with_model(self, output_dir)
+        if not _internal_call:  # the model a user saves; checkpoints are not calibrated
+            save_thresholds_with_model(self, output_dir, self.deft_config)
 
     def evaluation_loop(self, *args, **kwargs):
         self.deft_metrics.clear("eval")  # a new evaluation: forget forwards of earlier predict() calls

@@ -20,6 +20,7 @@ from torch import nn
 
 from deft_common import DeftConfigError, DensityWeight, base_model_of, layer_weights, make_checkpointing_non_reentrant
 from deft_common.adaptive_weights import save_gathered_layer_weights
+from deft_common.thresholds import SparsityThresholds, save_inference_thresholds
 from deft_common.distributed import gathered
 
 logger = logging.getLogger("deft_hf")
@@ -162,6 +163,23 @@ def save_layer_weights_with_model(trainer, output_dir) -> None:
     adapter weights only). Every process calls it: under DeepSpeed ZeRO-3 the weights are gathered first."""
     if layer_weights(trainer.model) is not None:
         save_gathered_layer_weights(trainer.model, output_dir, write=trainer.args.should_save)
+
+
+def save_thresholds_with_model(trainer, output_dir, config) -> SparsityThresholds | None:
+    """DeftConfig.thresholds_sparsity (inference_sparsity, else sparsity_setpoint): calibrate the inference thresholds on the first `calibration_batches` training
+    batches and write deft_thresholds.json beside what `trainer.save_model(output_dir)` saved (process 0 writes),
+    then log deft/inference_sparsity and deft/calibrated_density. Every process calls it. Once per folder and step:
+    Axolotl saves the final model both through the plugin and, under ZeRO-3 or FSDP, through save_model."""
+    if config.thresholds_sparsity is None:
+        return None
+    saved = (str(output_dir), trainer.state.global_step)
+    if getattr(trainer, "_deft_thresholds_saved", None) == saved:
+        return None
+    batches = (trainer._prepare_inputs(batch) for batch in trainer.get_train_dataloader())
+    thresholds = save_inference_thresholds(trainer.model, batches, config, output_dir, write=trainer.args.should_save)
+    trainer._deft_thresholds_saved = saved
+    trainer.log(thresholds.log())
+    return thresholds
 
 
 RESUME_STATE_KEY = "DeftTrainingState"  # in TrainerState.stateful_callbacks, i.e. in each checkpoint's trainer_state.json
