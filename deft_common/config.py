@@ -164,21 +164,10 @@ class DeftConfig:
             raise DeftConfigError(f"DeftConfig: {err}") from None
 
     def _check_setpoint(self) -> None:
-        if self.sparsity_setpoint is not None:
-            _check_number("sparsity_setpoint", self.sparsity_setpoint, minimum=0.0,
-                          fix="use a fraction in [0, 1) such as 0.99 (the share of MLP activations zeroed in "
-                              "training), or None for no set-point")
-            if self.sparsity_setpoint >= 1.0:
-                raise DeftConfigError(
-                    f"DeftConfig.sparsity_setpoint={self.sparsity_setpoint!r} must be below 1 (1 would zero every "
-                    "activation); use a fraction such as 0.99, or None for no set-point"
-                )
-        if isinstance(self.setpoint_ramp_steps, bool) or not isinstance(self.setpoint_ramp_steps, int) \
-                or self.setpoint_ramp_steps < 0:
-            raise DeftConfigError(
-                f"DeftConfig.setpoint_ramp_steps={self.setpoint_ramp_steps!r} must be a whole number >= 0 (0 = the "
-                "set-point from the first step); use e.g. 60% of the run's optimizer steps"
-            )
+        _check_optional_sparsity("sparsity_setpoint", self.sparsity_setpoint, example=0.99,
+                                 meaning="the share of MLP activations zeroed in training", off="no set-point")
+        _check_whole("setpoint_ramp_steps", self.setpoint_ramp_steps, minimum=0,
+                     fix="0 = the set-point from the first step; use e.g. 60% of the run's optimizer steps")
         for name, choices in (("setpoint_schedule", SETPOINT_SCHEDULES), ("setpoint_gradient", SETPOINT_GRADIENTS)):
             if getattr(self, name) not in choices:
                 raise DeftConfigError(f"DeftConfig.{name}={getattr(self, name)!r} is unknown; use one of "
@@ -194,20 +183,10 @@ class DeftConfig:
         return self.inference_sparsity if self.inference_sparsity is not None else self.sparsity_setpoint
 
     def _check_inference_thresholds(self) -> None:
-        if self.inference_sparsity is not None:
-            _check_number("inference_sparsity", self.inference_sparsity, minimum=0.0,
-                          fix="use a fraction in [0, 1) such as 0.9 (the share of MLP activations set to 0), or None")
-            if self.inference_sparsity >= 1.0:
-                raise DeftConfigError(
-                    f"DeftConfig.inference_sparsity={self.inference_sparsity!r} must be below 1 (1 would zero "
-                    "every activation); use a fraction such as 0.9, or None for no thresholds"
-                )
-        if isinstance(self.calibration_batches, bool) or not isinstance(self.calibration_batches, int) \
-                or self.calibration_batches < 1:
-            raise DeftConfigError(
-                f"DeftConfig.calibration_batches={self.calibration_batches!r} must be a whole number >= 1 "
-                "(training batches to calibrate the inference thresholds on, e.g. 32)"
-            )
+        _check_optional_sparsity("inference_sparsity", self.inference_sparsity, example=0.9,
+                                 meaning="the share of MLP activations set to 0", off="no thresholds")
+        _check_whole("calibration_batches", self.calibration_batches, minimum=1,
+                     fix="training batches to calibrate the inference thresholds on, e.g. 32")
 
     @classmethod
     def help(cls, name: str) -> str:
@@ -249,6 +228,21 @@ def _check_number(name: str, value: Any, minimum: float, fix: str, strict: bool 
     if value != value or value < minimum or (strict and value == minimum):
         relation = ">" if strict else ">="
         raise DeftConfigError(f"DeftConfig.{name}={value!r} must be {relation} {minimum:g}; {fix}")
+
+
+def _check_optional_sparsity(name: str, value: Any, example: float, meaning: str, off: str) -> None:
+    """None, or a fraction in [0, 1)."""
+    if value is None:
+        return
+    fix = f"use a fraction in [0, 1) such as {example} ({meaning}), or None for {off}"
+    _check_number(name, value, minimum=0.0, fix=fix)
+    if value >= 1.0:
+        raise DeftConfigError(f"DeftConfig.{name}={value!r} must be below 1 (1 would zero every activation); {fix}")
+
+
+def _check_whole(name: str, value: Any, minimum: int, fix: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise DeftConfigError(f"DeftConfig.{name}={value!r} must be a whole number >= {minimum} ({fix})")
 
 
 def check_skip_budget(budget) -> None:
