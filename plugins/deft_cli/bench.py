@@ -32,8 +32,8 @@ import torch
 from deft_common import DeftConfig, DensityLossEngine, DensityTracker, find_mlp_sites
 
 from .data import DeftDataError, check_model_dir, default_model_dir, reports_errors
-from .demo import (ADA_SKIP_BUDGET, DemoSettings, _batches, _check_model, _load_records, _skip_budget, build_classifier,
-                   train_and_evaluate)
+from .demo import (ADA_SKIP_BUDGET, ADA_TARGET_DENSITY, DemoSettings, _batches, _check_model, _load_records,
+                   _skip_budget, build_classifier, train_and_evaluate)
 from .measure import median, memory_kind, paired_ratio, peak_increase_bytes, resident_bytes, timed
 from .processes import in_subprocess
 
@@ -67,7 +67,7 @@ class BenchSettings:
         demo = DemoSettings(model=self.model, data=self.data, steps=self.ada_steps, batch_size=self.batch_size,
                             max_length=self.max_length, train_size=self.train_size, eval_size=self.eval_size,
                             seed=self.seed, device=self.device)
-        demo.deft = dataclasses.replace(demo.deft, adaptive=True, skip_budget=self.skip_budget)
+        demo.deft = DeftConfig(target_density=ADA_TARGET_DENSITY, adaptive=True, skip_budget=self.skip_budget)
         return demo
 
 

@@ -28,6 +28,9 @@ from .processes import in_subprocess
 
 DEFAULT_TARGETS = ["query", "value", "dense"]
 ADA_SKIP_BUDGET = 0.5  # `deft demo --adaptive`: skip half of the MLP blocks unless told otherwise
+# ADA-DEFT learns which blocks the density loss presses on, so `--adaptive` trains the paper's loss, steered to this
+# density (the demo's default before the set-point), and no set-point, unless --coef / --target-density say otherwise.
+ADA_TARGET_DENSITY = 0.88
 ADA_TIMED_BATCHES = 4  # held-out batches of 32 texts whose forward time compares the skipped and unskipped model
 
 
@@ -585,7 +588,9 @@ def add_demo_command(subparsers) -> None:
     ada = p.add_argument_group("ADA-DEFT (deft_common.adaptive)")
     ada.add_argument("--adaptive", action="store_true",
                      help="train the DEFT run with learnable per-layer weights (ADA-DEFT), then skip the MLP blocks "
-                     "they choose and compare accuracy, runtime and memory of the skipped vs the unskipped model")
+                     "they choose and compare accuracy, runtime and memory of the skipped vs the unskipped model; "
+                     f"it trains the paper's density loss (target density {ADA_TARGET_DENSITY:g} unless --coef or "
+                     "--target-density is given) without the set-point")
     add_config_option(ada, "skip_budget", d.deft, type=_skip_budget,
                       note=f"default {ADA_SKIP_BUDGET} unless --skip-threshold is given")
     add_config_option(ada, "skip_threshold", d.deft, type=float)
@@ -623,6 +628,9 @@ def demo_command(args) -> int:
         budget = args.skip_budget if args.skip_budget is not None or args.skip_threshold is not None else ADA_SKIP_BUDGET
         adaptive = {"adaptive": True, "adaptive_temperature": args.adaptive_temperature, "skip_budget": budget,
                     "skip_threshold": args.skip_threshold}
+        args.sparsity_setpoint = None
+        if args.coef == 0 and args.target_density is None:
+            args.target_density = ADA_TARGET_DENSITY
     elif args.skip_budget is not None or args.skip_threshold is not None:
         raise DeftDataError("--skip-budget and --skip-threshold choose the blocks ADA-DEFT skips; add --adaptive")
     ramp = args.setpoint_ramp_steps if args.setpoint_ramp_steps is not None else round(DEMO_RAMP_SHARE * args.steps)
