@@ -121,10 +121,7 @@ class DeftConfig:
                 f"DeftConfig.capture={self.capture!r} is unknown; use 'act' (activation output, paper-faithful) "
                 "or 'down_in' (input of the down-projection, for gated or fused MLPs)"
             )
-        if isinstance(self.coef_warmup_steps, bool) or not isinstance(self.coef_warmup_steps, int) or self.coef_warmup_steps < 0:
-            raise DeftConfigError(
-                f"DeftConfig.coef_warmup_steps={self.coef_warmup_steps!r} must be a whole number >= 0 (0 = no ramp)"
-            )
+        check_whole("DeftConfig.coef_warmup_steps", self.coef_warmup_steps, minimum=0, fix="0 = no ramp")
         if self.target_density is not None:
             _check_number("target_density", self.target_density, minimum=0.0, strict=True,
                           fix="use a fraction in (0, 1), e.g. 0.5 for half of the MLP activations exactly zero")
@@ -164,14 +161,14 @@ class DeftConfig:
             raise DeftConfigError(f"DeftConfig: {err}") from None
 
     def _check_setpoint(self) -> None:
-        _check_optional_sparsity("sparsity_setpoint", self.sparsity_setpoint, example=0.99,
-                                 meaning="the share of MLP activations zeroed in training", off="no set-point")
-        _check_whole("setpoint_ramp_steps", self.setpoint_ramp_steps, minimum=0,
-                     fix="0 = the set-point from the first step; use e.g. 60% of the run's optimizer steps")
-        for name, choices in (("setpoint_schedule", SETPOINT_SCHEDULES), ("setpoint_gradient", SETPOINT_GRADIENTS)):
-            if getattr(self, name) not in choices:
-                raise DeftConfigError(f"DeftConfig.{name}={getattr(self, name)!r} is unknown; use one of "
-                                      f"{', '.join(map(repr, choices))}")
+        if self.sparsity_setpoint is not None:
+            check_fraction("DeftConfig.sparsity_setpoint", self.sparsity_setpoint,
+                           fix="use a fraction in [0, 1) such as 0.99 (the share of MLP activations zeroed in "
+                               "training), or None for no set-point")
+        check_whole("DeftConfig.setpoint_ramp_steps", self.setpoint_ramp_steps, minimum=0,
+                    fix="0 = the set-point from the first step; use e.g. 60% of the run's optimizer steps")
+        check_choice("DeftConfig.setpoint_schedule", self.setpoint_schedule, SETPOINT_SCHEDULES)
+        check_choice("DeftConfig.setpoint_gradient", self.setpoint_gradient, SETPOINT_GRADIENTS)
         if self.sparsity_setpoint is None and self.setpoint_ramp_steps:
             raise DeftConfigError("DeftConfig.setpoint_ramp_steps ramps the sparsity set-point; set "
                                   "sparsity_setpoint too (e.g. 0.99)")
@@ -183,10 +180,12 @@ class DeftConfig:
         return self.inference_sparsity if self.inference_sparsity is not None else self.sparsity_setpoint
 
     def _check_inference_thresholds(self) -> None:
-        _check_optional_sparsity("inference_sparsity", self.inference_sparsity, example=0.9,
-                                 meaning="the share of MLP activations set to 0", off="no thresholds")
-        _check_whole("calibration_batches", self.calibration_batches, minimum=1,
-                     fix="training batches to calibrate the inference thresholds on, e.g. 32")
+        if self.inference_sparsity is not None:
+            check_fraction("DeftConfig.inference_sparsity", self.inference_sparsity,
+                           fix="use a fraction in [0, 1) such as 0.9 (the share of MLP activations set to 0), or "
+                               "None for no thresholds")
+        check_whole("DeftConfig.calibration_batches", self.calibration_batches, minimum=1,
+                    fix="training batches to calibrate the inference thresholds on, e.g. 32")
 
     @classmethod
     def help(cls, name: str) -> str:
@@ -230,19 +229,23 @@ def _check_number(name: str, value: Any, minimum: float, fix: str, strict: bool 
         raise DeftConfigError(f"DeftConfig.{name}={value!r} must be {relation} {minimum:g}; {fix}")
 
 
-def _check_optional_sparsity(name: str, value: Any, example: float, meaning: str, off: str) -> None:
-    """None, or a fraction in [0, 1)."""
-    if value is None:
-        return
-    fix = f"use a fraction in [0, 1) such as {example} ({meaning}), or None for {off}"
-    _check_number(name, value, minimum=0.0, fix=fix)
-    if value >= 1.0:
-        raise DeftConfigError(f"DeftConfig.{name}={value!r} must be below 1 (1 would zero every activation); {fix}")
+def check_fraction(label: str, value: Any, fix: str) -> None:
+    """A number in [0, 1), the rule of every sparsity setting; `label` names it in the message."""
+    is_number = not isinstance(value, bool) and isinstance(value, (int, float))
+    if not (is_number and 0.0 <= value < 1.0):  # NaN fails the comparison too
+        above = " (it must be below 1: 1 would zero every activation)" if is_number and value >= 1.0 else ""
+        raise DeftConfigError(f"{label}={value!r} must be a number in [0, 1){above}; {fix}")
 
 
-def _check_whole(name: str, value: Any, minimum: int, fix: str) -> None:
+def check_whole(label: str, value: Any, minimum: int, fix: str) -> None:
+    """A whole number >= minimum (not a bool, not a float)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise DeftConfigError(f"DeftConfig.{name}={value!r} must be a whole number >= {minimum} ({fix})")
+        raise DeftConfigError(f"{label}={value!r} must be a whole number >= {minimum} ({fix})")
+
+
+def check_choice(label: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise DeftConfigError(f"{label}={value!r} is unknown; use one of {', '.join(map(repr, choices))}")
 
 
 def check_skip_budget(budget) -> None:

@@ -2,8 +2,8 @@
 
 It owns the DensityTracker on the model, the sparsity set-point (DeftConfig.sparsity_setpoint: the training
 forward keeps only each MLP block's largest activations, deft_common.setpoint), the weight of each optimizer step
-(DensityWeight: fixed coef, warm-up, or the target-density controller), and the metrics windows (DensitySums, one for training and one for evaluation
-forwards). A training forward is
+(DensityWeight: fixed coef, warm-up, or the target-density controller), and the metrics windows (DensitySums, one
+for training and one for evaluation forwards). A training forward is
 
     with engine.recording(batch, step):          # the tracker records the MLP activations, masked to real tokens
         outputs = model(**batch)

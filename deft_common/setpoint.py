@@ -26,14 +26,14 @@ entries the set-point removes (the paper's a²/(a²+ε) only acts near zero).
 from __future__ import annotations
 
 import inspect
-import math
 import warnings
 
 import torch
 from torch import nn
 
 from .architectures import MlpSite, base_model_of, find_mlp_sites
-from .config import SETPOINT_GRADIENTS, SETPOINT_SCHEDULES, DeftConfig, DeftConfigError
+from .config import (SETPOINT_GRADIENTS, SETPOINT_SCHEDULES, DeftConfig, DeftConfigError, check_choice,
+                     check_fraction, check_whole)
 from .tracker import _in_backward, _prompt_tokens, real_rows, stack_masks
 
 GRADIENTS = SETPOINT_GRADIENTS
@@ -69,10 +69,13 @@ class SparsitySetpoint:
         self.config = config if config is not None else DeftConfig()
         if not isinstance(self.config, DeftConfig):
             raise DeftConfigError(f"SparsitySetpoint needs a deft_common.DeftConfig, got {type(self.config).__name__}")
-        _check_setpoint(sparsity, ramp_steps)
-        _check_choice("gradient", gradient, GRADIENTS)
-        _check_choice("threshold", threshold, THRESHOLDS)
-        _check_choice("schedule", schedule, SCHEDULES)
+        check_fraction("sparsity_setpoint", sparsity, fix="the fraction of MLP activations zeroed in training; use "
+                       "e.g. 0.99, or leave it unset for no set-point")
+        check_whole("setpoint_ramp_steps", ramp_steps, minimum=0,
+                    fix="0 = the set-point from the first step; use e.g. 60% of the run's optimizer steps")
+        check_choice("SparsitySetpoint: gradient", gradient, GRADIENTS)
+        check_choice("SparsitySetpoint: threshold", threshold, THRESHOLDS)
+        check_choice("SparsitySetpoint: schedule", schedule, SCHEDULES)
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
             raise DeftConfigError(f"SparsitySetpoint: momentum={momentum!r} must be in [0, 1); use e.g. 0.9")
         self.sparsity, self.ramp_steps = float(sparsity), int(ramp_steps)
@@ -276,19 +279,3 @@ class SparsitySetpoint:
         self._below, self._pending = [], {}
         self._masks = {"encoder": None, "decoder": None}
 
-
-def _check_setpoint(sparsity, ramp_steps) -> None:
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or math.isnan(sparsity) \
-            or not 0.0 <= sparsity < 1.0:
-        raise DeftConfigError(
-            f"sparsity_setpoint={sparsity!r} must be a number in [0, 1) (the fraction of MLP activations zeroed in "
-            "training); use e.g. 0.99, or leave it unset for no set-point")
-    if isinstance(ramp_steps, bool) or not isinstance(ramp_steps, int) or ramp_steps < 0:
-        raise DeftConfigError(
-            f"setpoint_ramp_steps={ramp_steps!r} must be a whole number >= 0 (0 = the set-point from the first step); "
-            "use e.g. 60% of the run's optimizer steps")
-
-
-def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise DeftConfigError(f"SparsitySetpoint: {name}={value!r} is unknown; use one of {', '.join(map(repr, choices))}")

@@ -243,11 +243,10 @@ def calibrate_thresholds(model: nn.Module, batches: Iterable[Mapping], sparsity:
 def save_inference_thresholds(model: nn.Module, batches: Iterable[Mapping], config: DeftConfig, directory,
                               write: bool | None = None) -> SparsityThresholds:
     """The end of training: calibrate at DeftConfig.thresholds_sparsity (inference_sparsity, else the training
-    set-point sparsity_setpoint) on the first
-    `config.calibration_batches` of `batches` (training batches; keys the model's forward does not name, such as a
-    collator's completion_mask, are left out) and write DIRECTORY/deft_thresholds.json where `write` (default: on
-    the main process only). The blocks and capture point are the config's, those DEFT trained. Every process must
-    call it (the counts are summed over processes)."""
+    set-point sparsity_setpoint) on the first `config.calibration_batches` of `batches` (training batches; keys the
+    model's forward does not name, such as a collator's completion_mask, are left out) and write
+    DIRECTORY/deft_thresholds.json where `write` (default: on the main process only). The blocks and capture point
+    are the config's, those DEFT trained. Every process must call it (the counts are summed over processes)."""
     config = _checked_config(config)
     if config.thresholds_sparsity is None:
         raise DeftThresholdsError("DeftConfig.inference_sparsity is None (and no sparsity_setpoint): set it (e.g. "

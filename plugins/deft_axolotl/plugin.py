@@ -17,8 +17,9 @@ What each hook does:
   chosen the trainer class).
 - post_train: logs the final density, with `adaptive: true` writes the ADA-DEFT layer weights into output_dir
   (deft_adaptive.json, beside the adapter Axolotl saves there next), and removes the hooks (Axolotl 0.19 calls it
-  twice; the second call is a no-op); with `inference_sparsity` (or `sparsity_setpoint`) it calibrates the inference thresholds and writes
-  deft_thresholds.json into output_dir too. Checkpoints get the weights from the trainer's save_model (deft_hf mixin).
+  twice; the second call is a no-op); with `inference_sparsity` (or `sparsity_setpoint`) it calibrates the inference
+  thresholds and writes deft_thresholds.json into output_dir too. Checkpoints get the weights from the trainer's
+  save_model (deft_hf mixin).
 """
 
 from __future__ import annotations

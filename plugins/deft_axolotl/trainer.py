@@ -13,7 +13,8 @@ from deft_common import DeftConfig
 
 try:
     from deft_hf import DeftTrainerMixin
-    from deft_hf.trainer_support import save_layer_weights_with_model, save_thresholds_with_model  # noqa: F401  (plugin.py)
+    from deft_hf.trainer_support import (save_layer_weights_with_model,  # noqa: F401  (for plugin.py)
+                                         save_thresholds_with_model)
 except ImportError as err:
     # Axolotl 0.19 skips a plugin whose import raises ImportError and then drops its `deft:` block without a
     # word, so a missing dependency is re-raised as an error Axolotl does not catch.

@@ -61,9 +61,13 @@ DEMO_SETPOINT = 0.995  # the DEFT run's default: sparsity set-point 0.995, rampe
 DEMO_RAMP_SHARE = 0.6  # no density loss (docs/demo_tuning, sweep 5: it held the accuracy where thresholds on PEFT broke)
 
 
+def demo_ramp_steps(steps: int) -> int:
+    return round(DEMO_RAMP_SHARE * steps)
+
+
 def demo_deft_config(steps: int) -> DeftConfig:
     """The demo's DEFT settings for a run of `steps` optimizer steps."""
-    return DeftConfig(coef=0.0, sparsity_setpoint=DEMO_SETPOINT, setpoint_ramp_steps=round(DEMO_RAMP_SHARE * steps))
+    return DeftConfig(coef=0.0, sparsity_setpoint=DEMO_SETPOINT, setpoint_ramp_steps=demo_ramp_steps(steps))
 
 
 # --------------------------------------------------------------------------------------------- one run
@@ -633,7 +637,7 @@ def demo_command(args) -> int:
             args.target_density = ADA_TARGET_DENSITY
     elif args.skip_budget is not None or args.skip_threshold is not None:
         raise DeftDataError("--skip-budget and --skip-threshold choose the blocks ADA-DEFT skips; add --adaptive")
-    ramp = args.setpoint_ramp_steps if args.setpoint_ramp_steps is not None else round(DEMO_RAMP_SHARE * args.steps)
+    ramp = args.setpoint_ramp_steps if args.setpoint_ramp_steps is not None else demo_ramp_steps(args.steps)
     deft = DeftConfig(coef=args.coef, eps=args.eps, coef_warmup_steps=args.coef_warmup_steps,
                       sparsity_setpoint=args.sparsity_setpoint, setpoint_schedule=args.setpoint_schedule,
                       setpoint_gradient=args.setpoint_gradient,

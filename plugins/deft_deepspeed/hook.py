@@ -90,9 +90,10 @@ class DeftLossHook(DensityLossHook):
         return save_layer_weights(self.model, directory)
 
     def save_thresholds(self, directory, batches) -> SparsityThresholds:
-        """DeftConfig.thresholds_sparsity (inference_sparsity, else sparsity_setpoint): calibrate the inference thresholds on the first `calibration_batches` of
-        `batches` (model-input dicts, e.g. the training loader) and write DIRECTORY/deft_thresholds.json (rank 0
-        writes; every rank must call it, the counts are summed over processes). Returns the thresholds;
+        """DeftConfig.thresholds_sparsity (inference_sparsity, else sparsity_setpoint): calibrate the inference
+        thresholds on the first `calibration_batches` of `batches` (model-input dicts, e.g. the training loader) and
+        write DIRECTORY/deft_thresholds.json (rank 0 writes; every rank must call it, the counts are summed over
+        processes). Returns the thresholds;
         `thresholds.log()` gives deft/inference_sparsity and deft/calibrated_density for the run's logger."""
         with self.paused():
             return save_inference_thresholds(self.model, batches, self.config, directory)

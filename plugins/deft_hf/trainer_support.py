@@ -166,10 +166,11 @@ def save_layer_weights_with_model(trainer, output_dir) -> None:
 
 
 def save_thresholds_with_model(trainer, output_dir, config) -> SparsityThresholds | None:
-    """DeftConfig.thresholds_sparsity (inference_sparsity, else sparsity_setpoint): calibrate the inference thresholds on the first `calibration_batches` training
-    batches and write deft_thresholds.json beside what `trainer.save_model(output_dir)` saved (process 0 writes),
-    then log deft/inference_sparsity and deft/calibrated_density. Every process calls it. Once per folder and step:
-    Axolotl saves the final model both through the plugin and, under ZeRO-3 or FSDP, through save_model."""
+    """DeftConfig.thresholds_sparsity (inference_sparsity, else sparsity_setpoint): calibrate the inference
+    thresholds on the first `calibration_batches` training batches, write deft_thresholds.json beside what
+    `trainer.save_model(output_dir)` saved (process 0 writes), then log deft/inference_sparsity and
+    deft/calibrated_density. Every process calls it. Once per folder and step: Axolotl saves the final model both
+    through the plugin and, under ZeRO-3 or FSDP, through save_model."""
     if config.thresholds_sparsity is None:
         return None
     saved = (str(output_dir), trainer.state.global_step)
