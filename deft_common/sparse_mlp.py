@@ -15,7 +15,9 @@ Where it is used (the fallback rule): the sparse path is taken when the block se
 token rows at once and the union of their active neurons is at most `MAX_ACTIVE_FRACTION` of the width; otherwise
 the block computes densely (the mask path, reusing the gate already computed), so prefill, training-size batches
 and high densities cost what dense costs. The sparse path also needs no autograd: with gradients enabled it computes
-densely (masked) as well.
+densely (masked) as well. A block whose calibrated density (apply_thresholds passes it) is already above the limit
+is only masked, decided once at install: no forward override, no per-token check and no weight copy, since nearly
+every token would fall back anyway (the per-token check alone cost a non-gated BERT-base block about 5%).
 
 Kernels: a small C++ extension (two loops over the selected weight rows, parallel on torch's own thread pool),
 compiled on first use with torch.utils.cpp_extension (needs a C++ compiler and ninja; cached afterwards). Without a
@@ -46,7 +48,7 @@ from torch import nn
 
 from .architectures import MlpSite, base_model_of
 from .config import DeftConfigError
-from .thresholds import zero_at_or_below
+from .thresholds import mask_hook, zero_at_or_below
 
 # The fallback rule. Measured on 2 idle CPU cores (AMD EPYC, AVX2), fp32, batch 1, one token, dense and sparse
 # interleaved, medians of 7 rounds, the sparse path forced at each density (`python plugins/deft_cli/inference_bench.py
@@ -277,9 +279,10 @@ class _TransposedDown:
 class SparseMlpHandle:
     """What install_sparse_mlp returns: `remove()` restores the block exactly (idempotent)."""
 
-    def __init__(self, site: MlpSite, backend: str, overridden: nn.Module, hooks: list):
+    def __init__(self, site: MlpSite, backend: str, overridden: nn.Module | None, hooks: list):
         self.site, self.backend = site, backend
         self.calls = {"sparse": 0, "dense": 0}  # forwards taken by each path (what the fallback rule chose)
+        self.masked_only = overridden is None  # the calibrated density was above the limit: mask, never sparse
         self._overridden, self._hooks = overridden, hooks
 
     def remove(self) -> None:
@@ -300,7 +303,8 @@ def _sparse_allowed(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def install_sparse_mlp(model: nn.Module, site: MlpSite, threshold: float, capture: str, *, backend: str = "auto",
-                       max_active_fraction: float | None = None, max_rows: int | None = None) -> SparseMlpHandle:
+                       max_active_fraction: float | None = None, max_rows: int | None = None,
+                       calibrated_density: float | None = None) -> SparseMlpHandle:
     """Execute the MLP block `site` of `model` sparsely with threshold τ = `threshold` at `capture`.
 
     site:      from find_mlp_sites(model, DeftConfig(capture=capture)).
@@ -308,6 +312,9 @@ def install_sparse_mlp(model: nn.Module, site: MlpSite, threshold: float, captur
                one), "cpp" or "torch".
     max_active_fraction, max_rows: override the measured fallback rule (MAX_ACTIVE_FRACTION, MAX_SPARSE_ROWS);
                for measurements: 1.0 and a large max_rows force the sparse path, 0.0 forces dense.
+    calibrated_density: the density τ gave on calibration data (1 - SparsityThresholds.calibrated); above the
+               active-fraction limit the block is only masked (handle.masked_only), as the fallback would do for
+               nearly every token. None: decide per forward only.
     Returns a handle; handle.remove() restores the block, handle.calls counts the forwards per path.
     """
     if capture not in ("act", "down_in"):
@@ -340,12 +347,13 @@ def install_sparse_mlp(model: nn.Module, site: MlpSite, threshold: float, captur
     rows_limit = MAX_SPARSE_ROWS if max_rows is None else max_rows
     fraction_limit = MAX_ACTIVE_FRACTION[(backend, gated is not None)] if max_active_fraction is None \
         else max_active_fraction
+    if calibrated_density is not None and calibrated_density > fraction_limit:
+        return SparseMlpHandle(site, backend, None, [mask_hook(site, threshold, capture)])
     down_rows = _TransposedDown(down if gated is not None else site.down)
     down_rows.rows()  # the copy is made now, not in the first token's forward
     handle = SparseMlpHandle(site, backend, overridden, [])
     if capture == "act":  # the zeros are made at the activation, as the mask path makes them; the kernels read them
-        handle._hooks.append(site.act.register_forward_hook(
-            lambda _m, _args, out: zero_at_or_below(out, threshold) if isinstance(out, torch.Tensor) else None))
+        handle._hooks.append(mask_hook(site, threshold, "act"))
 
     def active_columns(a: torch.Tensor) -> torch.Tensor | None:
         """Indices of the neurons active (non-zero) in any row of `a` (rows x width), or None when the dense path is

@@ -402,9 +402,10 @@ def apply_thresholds(model: nn.Module, thresholds: SparsityThresholds, kernel: s
             if kernel == "sparse":
                 from .sparse_mlp import install_sparse_mlp
 
-                handles.append(install_sparse_mlp(model, site, tau, thresholds.capture))
+                handles.append(install_sparse_mlp(model, site, tau, thresholds.capture,
+                                                  calibrated_density=1.0 - thresholds.calibrated[site.name]))
             else:
-                handles.append(_mask_hook(site, tau, thresholds.capture))
+                handles.append(mask_hook(site, tau, thresholds.capture))
     except BaseException:
         for handle in handles:
             handle.remove()
@@ -420,7 +421,8 @@ def zero_at_or_below(a: torch.Tensor, tau: float) -> torch.Tensor:
     return F.hardshrink(a, float(tau))
 
 
-def _mask_hook(site: MlpSite, tau: float, capture: str):
+def mask_hook(site: MlpSite, tau: float, capture: str):
+    """The mask path of one block: a hook that sets |a| <= tau to 0 at its capture point (remove() undoes it)."""
     module = site.capture_module(capture)
     if capture == "act":
         return module.register_forward_hook(lambda _m, _args, out: _zeroed(out, tau))

@@ -75,10 +75,34 @@ def test_sparse_equals_mask_batches_fall_back(family):
         masked = _outputs(model, batch)
     handle = apply_thresholds(model, th, kernel="sparse")
     sparse = _outputs(model, batch)
-    calls = [h.calls for h in handle._handles]
+    calls = [(h.masked_only, h.calls) for h in handle._handles]
     handle.remove()
-    assert all(c["sparse"] == 0 and c["dense"] >= 1 for c in calls), calls
+    # density 0.3: non-gated blocks are above their limit and only masked; gated ones fall back per forward
+    assert all(c["sparse"] == 0 and (masked_only or c["dense"] >= 1) for masked_only, c in calls), calls
     assert torch.allclose(sparse, masked, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family, sparsity, masked_only", [
+    ("bert", 0.5, True), ("bert", 0.9, False), ("llama", 0.2, True), ("llama", 0.5, False)])
+def test_calibrated_density_above_the_limit_is_masked_only(family, sparsity, masked_only):
+    """apply_thresholds passes each block's calibrated density: above the fallback limit (non-gated 0.25, gated
+    0.7) the block is only masked (no forward override, no per-token check), below it the sparse path is
+    installed; either way the outputs are the mask path's."""
+    model = _model(family)
+    th = _thresholds(model, family, sparsity=sparsity)
+    batch = _one_token_inputs(family)
+    with apply_thresholds(model, th, kernel="mask"):
+        masked = _outputs(model, batch)
+    with apply_thresholds(model, th, kernel="sparse") as handle:
+        sparse = _outputs(model, batch)
+        assert [h.masked_only for h in handle._handles] == [masked_only] * len(handle._handles)
+        overridden = [site.name for site in th.sites_in(model)
+                      if "forward" in vars(base_model_of(model).get_submodule(site.name))
+                      or "forward" in vars(site.down)]
+        assert bool(overridden) != masked_only, overridden
+        if not masked_only:
+            assert sum(h.calls["sparse"] for h in handle._handles) >= 1
+    assert torch.allclose(sparse, masked, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("capture", ["act", "down_in"])

@@ -2,8 +2,9 @@
 
 1. mlp: one MLP block at Llama-2-7B's shape (4096 -> 11008, gated SiLU) and at BERT-base's (768 -> 3072, GELU),
    batch 1, one token, at densities 0.5 ... 0.05 (τ = the (1 - density) quantile of |a| over 256 random tokens):
-   dense forward vs the same block with install_sparse_mlp. `limit` is the bound the weight bytes a sparse step
-   still reads put on the speedup: gated 3 / (1 + 2d), non-gated 2 / (1 + d).
+   dense forward vs the same block with install_sparse_mlp, given that density as its calibrated density (as
+   apply_thresholds gives it: above the fallback limit the block is only masked). `limit` is the bound the weight
+   bytes a sparse step still reads put on the speedup: gated 3 / (1 + 2d), non-gated 2 / (1 + d).
 2. decode: generate() of a random-weight Llama-shaped model (hidden 2048, intermediate 5632, 16 layers, vocab
    32000), thresholds calibrated to each density with calibrate_thresholds, greedy, 32 new tokens after an
    8-token prompt. `limit` = bytes read per token dense / sparse (attention, norms, LM head, and the MLP bytes
@@ -11,8 +12,9 @@
 3. encoder: the demo model (all-MiniLM-L6-v2) forward at batch 32 (128 tokens) with thresholds calibrated at
    sparsity 0.99: many rows at once, so the fallback rule computes densely.
 
-Dense and sparse are measured in one process, interleaved (each round runs both, back to back), and reported as
-medians over rounds; `speedup` = median dense time / median sparse time. Writes DIR/inference.json.
+Dense and sparse are measured in one process, interleaved (each round runs both, back to back, in alternating
+order), and reported as medians over rounds; `speedup` = median dense time / median sparse time. Writes
+DIR/inference.json.
 """
 
 from __future__ import annotations
@@ -52,16 +54,23 @@ def _seconds(fn, calls: int = 1) -> float:
 
 
 def _interleaved(run, sparse_on, rounds: int, calls: int = 1, warm: bool = False) -> tuple[float, float]:
-    """(median dense seconds, median sparse seconds): each round times `run` as it is, then inside the context
-    `sparse_on()`; round 0 is a warm-up. warm=True: one untimed call inside the context first (one-off work
+    """(median dense seconds, median sparse seconds): each round times `run` as it is and inside the context
+    `sparse_on()`, dense first in even rounds and sparse first in odd ones (so neither always runs on the caches
+    the other left); round 0 is a warm-up. warm=True: one untimed call inside the context first (one-off work
     such as the transposed down-projection copy stays outside the timing)."""
     dense_s, sparse_s = [], []
-    for r in range(rounds + 1):
-        d = _seconds(run, calls)
+
+    def sparse():
         with sparse_on():
             if warm:
                 run()
-            s = _seconds(run, calls)
+            return _seconds(run, calls)
+
+    for r in range(rounds + 1):
+        if r % 2:
+            s, d = sparse(), _seconds(run, calls)
+        else:
+            d, s = _seconds(run, calls), sparse()
         if r:
             dense_s.append(d)
             sparse_s.append(s)
@@ -127,7 +136,7 @@ def _mlp_rows(tiny: bool, dtypes, densities, rounds: int, **rule) -> list[dict]:
             calls = 20 if tiny else max(3, round(MLP_TIMED_SECONDS / _seconds(run, 3)))  # small blocks: more calls
             for density in densities:
                 tau = _tau_for_density(block, site, density, dtype)
-                sparse_on = lambda: _sparse_block(block, site, tau, rule)
+                sparse_on = lambda: _sparse_block(block, site, tau, {"calibrated_density": density, **rule})
                 dense_s, sparse_s = _interleaved(run, sparse_on, rounds, calls, warm=True)
                 speedup = dense_s / sparse_s
                 limit = mlp_limit(gated, density)
