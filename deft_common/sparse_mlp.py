@@ -17,7 +17,8 @@ the block computes densely (the mask path, reusing the gate already computed), s
 and high densities cost what dense costs. The sparse path also needs no autograd: with gradients enabled it computes
 densely (masked) as well. A block whose calibrated density (apply_thresholds passes it) is already above the limit
 is only masked, decided once at install: no forward override, no per-token check and no weight copy, since nearly
-every token would fall back anyway (the per-token check alone cost a non-gated BERT-base block about 5%).
+every token would fall back anyway (a non-gated BERT-base block at density 0.5 ran 0.89-0.92x dense with the
+per-token check, 1.01x masked only).
 
 Kernels: a small C++ extension (two loops over the selected weight rows, parallel on torch's own thread pool),
 compiled on first use with torch.utils.cpp_extension (needs a C++ compiler and ninja; cached afterwards). Without a

@@ -2,7 +2,9 @@
 
 Each seed is one full default run, from the repository root:
 
-    for seed in 0 1 2; do PYTHONPATH=$PWD:$PWD/plugins python -m deft_cli.cli demo --seed $seed --out runs/seed$seed; done
+    for seed in 0 1 2; do
+        PYTHONPATH=$PWD:$PWD/plugins python -m deft_cli.cli demo --seed $seed --out runs/seed$seed
+    done
     python docs/demo_tuning/demo_seeds.py runs/seed0 runs/seed1 runs/seed2
 
 Appends nothing: it (re)writes demo_seeds.jsonl beside this file (one line per seed: settings, frontiers, usable
@@ -45,8 +47,9 @@ def spread(values: list[float]) -> str:
 
 
 def summary(lines: list[dict]) -> str:
-    rows = ["| seed | PEFT dense | DEFT dense | PEFT @0.99 | DEFT @0.99 | PEFT @0.995 | DEFT @0.995 | usable PEFT | usable DEFT |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    columns = ["seed", "PEFT dense", "DEFT dense", "PEFT @0.99", "DEFT @0.99", "PEFT @0.995", "DEFT @0.995",
+               "usable PEFT", "usable DEFT"]
+    rows = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for line in lines:
         cells = [line["accuracy"]["peft"], line["accuracy"]["deft"]]
         cells += [accuracy_at(line, run, s) for s in (0.99, 0.995) for run in RUNS]
@@ -55,11 +58,11 @@ def summary(lines: list[dict]) -> str:
                     + " | ".join("none" if u is None else f"{u:g}" for u in usable) + " |")
     gain = [100 * (accuracy_at(l, "deft", 0.99) - accuracy_at(l, "peft", 0.99)) for l in lines]
     dense = [100 * (l["accuracy"]["deft"] - l["accuracy"]["peft"]) for l in lines]
+    usable_by_run = {run: [l["usable_sparsity"][run] or 0.0 for l in lines] for run in RUNS}  # None: no grid point
+    above = sum(d > p for d, p in zip(usable_by_run["deft"], usable_by_run["peft"]))
     rows += ["", f"DEFT - (PEFT + thresholds) at 0.99: {spread(gain)} pt (mean ± sd over {len(lines)} seeds)",
              f"DEFT dense - PEFT dense: {spread(dense)} pt",
-             "usable sparsity DEFT above PEFT's in " + str(sum((l["usable_sparsity"]["deft"] or 0) >
-                                                                (l["usable_sparsity"]["peft"] or 0) for l in lines))
-             + f" of {len(lines)} seeds"]
+             f"usable sparsity DEFT above PEFT's in {above} of {len(lines)} seeds"]
     return "\n".join(rows)
 
 
