@@ -103,6 +103,10 @@ class DeftConfig:
         '`"mask"`: the zeroed activations pass no gradient (as CATS); `"ste"`: straight-through, the gradient of '
         'the dense activation (as Q-Sparse).'
     )})
+    setpoint_dense_every: int = field(default=0, metadata={"help": (
+        'every n-th optimizer step trains without the set-point (dense), so the model stays accurate both '
+        'dense and thresholded (`2` = alternate masked and dense steps; `0` = every step masked).'
+    )})
     inference_sparsity: float | None = field(default=None, metadata={"help": (
         'when training ends, calibrate per MLP block the threshold τ that sets this fraction of the activations '
         'to 0 (|a| <= τ, e.g. `0.9`) and write `deft_thresholds.json` beside the saved model, for '
@@ -169,9 +173,11 @@ class DeftConfig:
                     fix="0 = the set-point from the first step; use e.g. 60% of the run's optimizer steps")
         check_choice("DeftConfig.setpoint_schedule", self.setpoint_schedule, SETPOINT_SCHEDULES)
         check_choice("DeftConfig.setpoint_gradient", self.setpoint_gradient, SETPOINT_GRADIENTS)
-        if self.sparsity_setpoint is None and self.setpoint_ramp_steps:
-            raise DeftConfigError("DeftConfig.setpoint_ramp_steps ramps the sparsity set-point; set "
-                                  "sparsity_setpoint too (e.g. 0.99)")
+        check_dense_every("DeftConfig.setpoint_dense_every", self.setpoint_dense_every)
+        for name in ("setpoint_ramp_steps", "setpoint_dense_every"):
+            if self.sparsity_setpoint is None and getattr(self, name):
+                raise DeftConfigError(f"DeftConfig.{name} acts on the sparsity set-point; set "
+                                      "sparsity_setpoint too (e.g. 0.99)")
 
     @property
     def thresholds_sparsity(self) -> float | None:
@@ -241,6 +247,14 @@ def check_whole(label: str, value: Any, minimum: int, fix: str) -> None:
     """A whole number >= minimum (not a bool, not a float)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise DeftConfigError(f"{label}={value!r} must be a whole number >= {minimum} ({fix})")
+
+
+def check_dense_every(label: str, value: Any) -> None:
+    """0 (every step masked) or n >= 2 (every n-th step dense); 1 would train no step under the set-point."""
+    check_whole(label, value, minimum=0, fix="0 = every step under the set-point; 2 = alternate masked and dense steps")
+    if value == 1:
+        raise DeftConfigError(f"{label}=1 would train every step dense, i.e. never under the set-point; use 2 "
+                              "(alternate masked and dense steps) or more, or 0 for every step masked")
 
 
 def check_choice(label: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -33,7 +33,7 @@ from torch import nn
 
 from .architectures import MlpSite, base_model_of, find_mlp_sites
 from .config import (SETPOINT_GRADIENTS, SETPOINT_SCHEDULES, DeftConfig, DeftConfigError, check_choice,
-                     check_fraction, check_whole)
+                     check_dense_every, check_fraction, check_whole)
 from .tracker import _in_backward, _prompt_tokens, real_rows, stack_masks
 
 GRADIENTS = SETPOINT_GRADIENTS
@@ -61,11 +61,13 @@ class SparsitySetpoint:
                 so more of the ramp is spent at high sparsity).
     density_term: compute the set-point-aware density term of each training forward for `density_loss()`
                 (off by default: it costs a few element-wise ops per block and keeps their graph).
+    dense_every: every n-th optimizer step trains dense, without the mask (0 = never; 2 = alternate), so the
+                model also stays accurate without thresholds.
     """
 
     def __init__(self, model: nn.Module, sparsity: float, ramp_steps: int = 0, config: DeftConfig | None = None, *,
                  gradient: str = "mask", threshold: str = "batch", momentum: float = 0.9, schedule: str = "linear",
-                 density_term: bool = False):
+                 density_term: bool = False, dense_every: int = 0):
         self.config = config if config is not None else DeftConfig()
         if not isinstance(self.config, DeftConfig):
             raise DeftConfigError(f"SparsitySetpoint needs a deft_common.DeftConfig, got {type(self.config).__name__}")
@@ -76,10 +78,12 @@ class SparsitySetpoint:
         check_choice("SparsitySetpoint: gradient", gradient, GRADIENTS)
         check_choice("SparsitySetpoint: threshold", threshold, THRESHOLDS)
         check_choice("SparsitySetpoint: schedule", schedule, SCHEDULES)
+        check_dense_every("setpoint_dense_every", dense_every)
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
             raise DeftConfigError(f"SparsitySetpoint: momentum={momentum!r} must be in [0, 1); use e.g. 0.9")
         self.sparsity, self.ramp_steps = float(sparsity), int(ramp_steps)
         self.density_term = bool(density_term)
+        self.dense_every = int(dense_every)
         self.gradient, self.threshold, self.momentum, self.schedule = gradient, threshold, float(momentum), schedule
         self.model = model
         self.sites: list[MlpSite] = find_mlp_sites(model, self.config)  # raises when a capture point is missing
@@ -106,7 +110,8 @@ class SparsitySetpoint:
         if config.sparsity_setpoint is None:
             return None
         return cls(model, config.sparsity_setpoint, config.setpoint_ramp_steps, config,
-                   gradient=config.setpoint_gradient, schedule=config.setpoint_schedule)
+                   gradient=config.setpoint_gradient, schedule=config.setpoint_schedule,
+                   dense_every=config.setpoint_dense_every)
 
     # ------------------------------------------------------------------ schedule
     def at(self, step: int) -> float:
@@ -121,6 +126,10 @@ class SparsitySetpoint:
     @property
     def current_sparsity(self) -> float:
         return self.at(self.current_step)
+
+    def is_dense_step(self, step: int) -> bool:
+        """Whether the optimizer step after `step` steps done trains dense (dense_every: steps n-1, 2n-1, ...)."""
+        return self.dense_every > 0 and step % self.dense_every == self.dense_every - 1
 
     def step(self, global_step: int | None = None) -> None:
         """Call after each optimizer step with the number of optimizer steps done (or nothing: one more).
@@ -215,7 +224,7 @@ class SparsitySetpoint:
                 f"{type(a).__name__}, not a floating-point tensor, so it cannot be masked; use the other capture "
                 "point or name a module whose output is the activation with DeftConfig(modules=...)")
         sparsity = self.current_sparsity
-        if sparsity <= 0.0:
+        if sparsity <= 0.0 or self.is_dense_step(self.current_step):
             return None
         masked = self._mask(site, a, sparsity)
         return (masked, *value[1:]) if is_tuple else masked

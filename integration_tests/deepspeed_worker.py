@@ -182,14 +182,15 @@ def thresholds_after_training(batch: dict, stage: int, directory: pathlib.Path, 
 
 
 def setpoint_steps(batch: dict, stage: int) -> list[dict]:
-    """DeftConfig.sparsity_setpoint through DeftLossHook: 3 optimizer steps of 2 micro-batches (GA 2); the
-    metrics of each step."""
+    """DeftConfig.sparsity_setpoint through DeftLossHook: 3 optimizer steps of 2 micro-batches (GA 2), every
+    2nd step dense (setpoint_dense_every=2); the metrics of each step."""
     import deepspeed
 
     from deft_deepspeed import DeftLossHook
 
     model = lora_model()
-    hook = DeftLossHook(model, DeftConfig(coef=0.0, sparsity_setpoint=0.8, setpoint_ramp_steps=2))
+    hook = DeftLossHook(model, DeftConfig(coef=0.0, sparsity_setpoint=0.8, setpoint_ramp_steps=2,
+                                           setpoint_dense_every=2))
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config={
         "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "zero_allow_untested_optimizer": True,

@@ -151,11 +151,12 @@ def run_configs(work: pathlib.Path) -> dict[str, tuple[dict, bool]]:
             "save_strategy": "steps",
             "save_steps": 3,
         },
-        # the sparsity set-point (no density loss), gradient accumulation 2; the thresholds follow the set-point
+        # the sparsity set-point (no density loss), every 2nd step dense, gradient accumulation 2; the thresholds
+        # follow the set-point
         "setpoint": {
             **LORA,
             "plugins": [DEFT],
-            "deft": {"coef": 0.0, "sparsity_setpoint": 0.8, "setpoint_ramp_steps": 2},
+            "deft": {"coef": 0.0, "sparsity_setpoint": 0.8, "setpoint_ramp_steps": 2, "setpoint_dense_every": 2},
             "gradient_accumulation_steps": 2,
         },
         # DeepSpeed ZeRO-2, gradient accumulation 2
@@ -285,6 +286,7 @@ def test_setpoint_ramps_to_its_density(runs):
     assert run.returncode == 0, run
     logs = run.logs
     assert [entry["deft/sparsity_setpoint"] for entry in logs] == pytest.approx([0.0, 0.4, 0.8]), run
+    assert logs[1]["deft/density"] == pytest.approx(1.0), logs  # setpoint_dense_every: 2, the 2nd step is dense
     assert logs[2]["deft/density"] == pytest.approx(0.2, abs=0.01), logs
 
 

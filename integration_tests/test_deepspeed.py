@@ -173,6 +173,7 @@ def test_setpoint_ramps_to_its_density_with_gradient_accumulation(engine, stage)
     metrics = engine[f"setpoint_stage{stage}"]
     assert [m["deft/sparsity_setpoint"] for m in metrics] == pytest.approx([0.0, 0.4, 0.8])
     assert metrics[0]["deft/density"] == pytest.approx(1.0)
+    assert metrics[1]["deft/density"] == pytest.approx(1.0)  # setpoint_dense_every=2: the 2nd step trains dense
     assert metrics[2]["deft/density"] == pytest.approx(0.2, abs=0.01)
 
 

@@ -270,6 +270,18 @@ def test_setpoint_ramps_to_its_density_with_gradient_accumulation(kind, tmp_path
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_setpoint_dense_every_trains_every_nth_step_dense_with_gradient_accumulation(kind, tmp_path):
+    config = DeftConfig(coef=0.0, sparsity_setpoint=0.8, setpoint_dense_every=2)
+    trainer = build_trainer(kind, lora_model(make_model("llama")), make_train_dataset("llama", n=32, seq_len=12),
+                            config, tmp_path, collator=make_collator("llama"), optim="adamw_torch",
+                            learning_rate=1e-3, max_steps=4, per_device_train_batch_size=2,
+                            gradient_accumulation_steps=2)
+    trainer.train()
+    densities = [h["deft/density"] for h in train_logs(trainer)]
+    assert densities == pytest.approx([0.2, 1.0, 0.2, 1.0], abs=0.01)  # both micro-batches of a step alike
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_setpoint_step_equals_deft_common_by_hand(kind, tmp_path):
     # set-point 0.5 from the first step together with the paper's loss (coef 2): loss and gradients as by hand
     from deft_common.setpoint import SparsitySetpoint

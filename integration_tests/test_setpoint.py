@@ -55,6 +55,24 @@ def test_density_at_end_of_ramp_is_the_setpoint(family):
         assert measured[step] == pytest.approx(0.1, abs=0.01)
 
 
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_dense_every_trains_every_nth_step_dense(family):
+    model = make_model(family)
+    batch = make_batch(family, batch_size=4, seq_len=16)
+    setpoint = SparsitySetpoint(model, sparsity=0.9, dense_every=3)
+    seen, handles = _watch(model, batch)
+    measured = []
+    for step in range(6):
+        seen.clear()
+        model(**batch).loss.backward()
+        measured.append(_density(seen))
+        setpoint.step(step + 1)
+    for h in handles:
+        h.remove()
+    dense = pytest.approx(1.0, abs=0.02)  # GELU/SiLU: (almost) no exact zeros without the mask
+    assert measured == [pytest.approx(0.1, abs=0.01), pytest.approx(0.1, abs=0.01), dense] * 2
+
+
 def test_padding_rows_do_not_count_in_the_quantile_with_lora():
     from peft import LoraConfig, get_peft_model
 
@@ -166,6 +184,12 @@ def test_density_loss_pulls_the_removed_entries():
 def test_setpoint_outside_0_1_is_an_error(sparsity):
     with pytest.raises(DeftConfigError, match=r"sparsity_setpoint=.* must be a number in \[0, 1\)"):
         SparsitySetpoint(make_model("bert"), sparsity=sparsity)
+
+
+@pytest.mark.parametrize("dense_every,fix", [(1, "use 2"), (-1, "whole number >= 0"), (2.0, "whole number >= 0")])
+def test_bad_dense_every_is_an_error(dense_every, fix):
+    with pytest.raises(DeftConfigError, match=f"setpoint_dense_every=.*{fix}"):
+        SparsitySetpoint(make_model("bert"), sparsity=0.9, dense_every=dense_every)
 
 
 @pytest.mark.parametrize("ramp", [-1, 2.5, None])

@@ -167,13 +167,14 @@ def test_sft_mixin_writes_inference_thresholds_on_calibration_batches_only(tmp_p
 
 def test_sft_mixin_setpoint_ramps_with_gradient_accumulation_and_the_thresholds_follow_it(tmp_path):
     batch = make_batch("llama", batch_size=8, seq_len=8)
-    config = DeftConfig(coef=0.0, sparsity_setpoint=0.8, setpoint_ramp_steps=2)
+    config = DeftConfig(coef=0.0, sparsity_setpoint=0.8, setpoint_ramp_steps=2, setpoint_dense_every=2)
     trainer = sft_trainer(lora_model(make_model("llama")), sft_dataset(batch), tmp_path, config, max_steps=3,
                           optim="adamw_torch", learning_rate=1e-3, per_device_train_batch_size=2,
                           gradient_accumulation_steps=2)
     trainer.train()
     logs = train_logs(trainer)
     assert [h["deft/sparsity_setpoint"] for h in logs] == pytest.approx([0.0, 0.4, 0.8])
+    assert logs[1]["deft/density"] == pytest.approx(1.0)  # setpoint_dense_every=2: the 2nd step trains dense
     assert logs[2]["deft/density"] == pytest.approx(0.2, abs=0.01)
     trainer.save_model()
     saved = SparsityThresholds.load(tmp_path / "out")  # no inference_sparsity: at the set-point trained

@@ -6,7 +6,7 @@ The DEFT run of `deft demo` (plugins/deft_cli/demo.py: train_and_evaluate, the s
 so run the default demo first. From the repository root:
 
     PYTHONPATH=$PWD:$PWD/plugins python docs/demo_tuning/demo_variant.py --peft runs/seed1 --seed 1 \
-        --sparsity-setpoint 0.99 [--ramp-share 0.6] [--gradient ste] [--grid 0.99,0.995,0.998]
+        --sparsity-setpoint 0.99 [--ramp-share 0.6] [--gradient ste] [--dense-every 2] [--grid 0.99,0.995,0.998]
 
 Appends one JSON line per run to sweep6_demo_variants.jsonl beside this file.
 """
@@ -34,6 +34,7 @@ def main():
     p.add_argument("--sparsity-setpoint", type=float, default=demo.DEMO_SETPOINT)
     p.add_argument("--ramp-share", type=float, default=demo.DEMO_RAMP_SHARE)
     p.add_argument("--gradient", default="mask", choices=["mask", "ste"])
+    p.add_argument("--dense-every", type=int, default=0, help="DeftConfig.setpoint_dense_every")
     p.add_argument("--grid", default="0.99,0.995,0.998", help="thresholded grid points scored (0 is always scored)")
     p.add_argument("--out", default=str(HERE / "sweep6_demo_variants.jsonl"))
     args = p.parse_args()
@@ -43,7 +44,8 @@ def main():
         raise SystemExit(f"{args.peft} is seed {peft['settings']['seed']}, not {args.seed}")
     steps = demo.DemoSettings().steps
     config = DeftConfig(coef=0.0, sparsity_setpoint=args.sparsity_setpoint,
-                        setpoint_ramp_steps=round(args.ramp_share * steps), setpoint_gradient=args.gradient)
+                        setpoint_ramp_steps=round(args.ramp_share * steps), setpoint_gradient=args.gradient,
+                        setpoint_dense_every=args.dense_every)
     settings = demo.DemoSettings(seed=args.seed, model=str(default_model_dir()), deft=config)
     grid = (0.0, *(float(s) for s in args.grid.split(",")))
     demo.accuracy_frontier = functools.partial(demo.accuracy_frontier, grid=grid)  # score only these points
@@ -53,7 +55,7 @@ def main():
     peft_points = {p["sparsity"]: p for p in peft["frontier"]["peft"]}
     reference = peft["peft"]["accuracy"]
     line = {"seed": args.seed, "sparsity_setpoint": args.sparsity_setpoint, "ramp_share": args.ramp_share,
-            "gradient": args.gradient, "deft_frontier": run["frontier"],
+            "gradient": args.gradient, "dense_every": args.dense_every, "deft_frontier": run["frontier"],
             "peft_frontier": [peft_points[s] for s in grid], "peft_dense_accuracy": reference,
             "usable_of_scored": {"deft": usable_sparsity(run["frontier"], reference),
                                  "peft": usable_sparsity([peft_points[s] for s in grid], reference)},

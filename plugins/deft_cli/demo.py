@@ -213,6 +213,8 @@ def train_and_evaluate(settings: DemoSettings, use_deft: bool, train: list[dict]
             entry |= {"coef": round(engine.coef, 6), "density": round(engine.tracker.mean_density(0.0), 5)}
             if engine.setpoint is not None:
                 entry["sparsity_setpoint"] = round(engine.setpoint.current_sparsity, 5)
+                if engine.setpoint.is_dense_step(engine.setpoint.current_step):
+                    entry["dense_step"] = True  # setpoint_dense_every: this step trained without the mask
             if engine.weight.controller is not None:
                 engine.end_step()  # the controller takes this step's density now (at DeftConfig.threshold)
                 entry["density_error"] = round(engine.weight.log()["deft/density_error"], 5)
@@ -449,13 +451,19 @@ def report(results: dict) -> str:
                      f"{c['last_steps']} steps {c['density']:.4f} (error {c['density_error']:+.4f}; {measure})")
     config = results["deft_config"]
     if config.get("sparsity_setpoint") is not None:
-        tail = deft["history"][-CONTROLLER_TAIL:]
+        tail = [h for h in deft["history"][-CONTROLLER_TAIL:] if not h.get("dense_step")]  # the masked steps
         lines.append(f"sparsity set-point {config['sparsity_setpoint']:g}, ramped over {config['setpoint_ramp_steps']} "
-                     f"steps ({config['setpoint_schedule']}, gradient {config['setpoint_gradient']}); training "
-                     f"density over the last {len(tail)} steps {sum(h['density'] for h in tail) / len(tail):.4f}")
+                     f"steps ({config['setpoint_schedule']}, gradient {config['setpoint_gradient']}"
+                     f"{_dense_steps(config)}); training "
+                     f"density over the last {len(tail)} masked steps {sum(h['density'] for h in tail) / len(tail):.4f}")
     if "ada" in deft:
         lines += ["", ada_report(deft["ada"])]
     return "\n".join(lines)
+
+
+def _dense_steps(config: dict) -> str:
+    every = config.get("setpoint_dense_every", 0)
+    return f", 1 step in {every} dense" if every else ""
 
 
 def ada_report(ada: dict) -> str:
@@ -582,6 +590,7 @@ def add_demo_command(subparsers) -> None:
                       note=f"default {DEMO_RAMP_SHARE:.0%} of --steps")
     add_config_option(deft, "setpoint_schedule", d.deft, type=str)
     add_config_option(deft, "setpoint_gradient", d.deft, type=str)
+    add_config_option(deft, "setpoint_dense_every", d.deft, type=int)
     add_config_option(deft, "coef", d.deft, type=float,
                       note="default 0 in the demo: the set-point alone; the paper's density loss is --coef 1 "
                            "--sparsity-setpoint none")
@@ -641,6 +650,7 @@ def demo_command(args) -> int:
     deft = DeftConfig(coef=args.coef, eps=args.eps, coef_warmup_steps=args.coef_warmup_steps,
                       sparsity_setpoint=args.sparsity_setpoint, setpoint_schedule=args.setpoint_schedule,
                       setpoint_gradient=args.setpoint_gradient,
+                      setpoint_dense_every=args.setpoint_dense_every if args.sparsity_setpoint is not None else 0,
                       setpoint_ramp_steps=ramp if args.sparsity_setpoint is not None else 0,
                       target_density=args.target_density, controller_gain=args.controller_gain,
                       controller_damping=args.controller_damping, **adaptive)
