@@ -105,7 +105,7 @@ class DeftConfig:
     )})
     setpoint_dense_every: int = field(default=0, metadata={"help": (
         'every n-th optimizer step trains without the set-point (dense), so the model stays accurate both '
-        'dense and thresholded (`2` = alternate masked and dense steps; `0` = every step masked).'
+        'dense and thresholded (`2` = alternate masked and dense steps; `0` = every step masked; the demo uses `3`).'
     )})
     inference_sparsity: float | None = field(default=None, metadata={"help": (
         'when training ends, calibrate per MLP block the threshold τ that sets this fraction of the activations '

@@ -15,7 +15,9 @@ The sparsity in force after `n` optimizer steps is `setpoint.at(n)`: 0 at the st
 τ is the `at(n)`-quantile of |a| over the real entries of the batch (padding rows never count; the attention mask
 is read from the model's own forward arguments), or a running average of it (`threshold="running"`); entries with
 |a| <= τ are set to 0, exactly as calibrated inference thresholds do. The mask acts only when the hooked module is
-in training mode and gradients are enabled: evaluation and generate() see the model untouched.
+in training mode and gradients are enabled: evaluation and generate() see the model untouched. With
+`dense_every=n` every n-th optimizer step trains without the mask, so the model learns to be accurate both dense
+and thresholded.
 
 Gradient through the mask: "mask" (the zeroed entries pass no gradient, as CATS) or "ste" (straight-through, the
 gradient of the dense activation, as Q-Sparse). `density_loss()` is the optional set-point-aware density term:

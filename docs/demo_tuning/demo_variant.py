@@ -34,7 +34,8 @@ def main():
     p.add_argument("--sparsity-setpoint", type=float, default=demo.DEMO_SETPOINT)
     p.add_argument("--ramp-share", type=float, default=demo.DEMO_RAMP_SHARE)
     p.add_argument("--gradient", default="mask", choices=["mask", "ste"])
-    p.add_argument("--dense-every", type=int, default=0, help="DeftConfig.setpoint_dense_every")
+    p.add_argument("--dense-every", type=int, default=demo.DEMO_DENSE_EVERY,
+                   help="DeftConfig.setpoint_dense_every (sweep 6 ran with 0: every step masked)")
     p.add_argument("--grid", default="0.99,0.995,0.998", help="thresholded grid points scored (0 is always scored)")
     p.add_argument("--out", default=str(HERE / "sweep6_demo_variants.jsonl"))
     args = p.parse_args()

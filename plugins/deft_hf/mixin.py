@@ -27,7 +27,7 @@ deft/calibrated_density.
 
 Sparsity set-point (DeftConfig(sparsity_setpoint=0.995, setpoint_ramp_steps=...)): each training forward keeps only
 each MLP block's largest activations (deft_common.setpoint), ramped by state.global_step, so a resumed run continues
-the ramp; the logs get deft/sparsity_setpoint.
+the ramp (and its dense steps, setpoint_dense_every); the logs get deft/sparsity_setpoint.
 
 Checkpoints also keep the controller's state and the ADA-DEFT weights (in trainer_state.json), so that
 `train(resume_from_checkpoint=...)` continues them (trainer_support.TrainerResumeState).
