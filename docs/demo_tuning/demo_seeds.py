@@ -66,7 +66,8 @@ def summary(lines: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def plot(lines: list[dict], path: pathlib.Path) -> None:
+def plot(lines: list[dict], path: pathlib.Path, title: str = "deft demo") -> None:
+    """Mean frontier of both runs over the seeds, the seeds' range as error bars (the seeds share one grid)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,7 +91,7 @@ def plot(lines: list[dict], path: pathlib.Path) -> None:
     ax.invert_xaxis()
     ax.set_xlabel("exact-zero density after calibrated thresholds (log scale; sparser →)")
     ax.set_ylabel("held-out accuracy")
-    ax.set_title(f"deft demo, seeds {', '.join(str(l['seed']) for l in lines)}: accuracy–sparsity frontier",
+    ax.set_title(f"{title}, seeds {', '.join(str(l['seed']) for l in lines)}: accuracy–sparsity frontier",
                  fontsize=10)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()

@@ -4,19 +4,23 @@ Reads demo_seeds.jsonl (full `deft demo` runs of the default before sweep 7: set
 lines of sweep6_demo_variants.jsonl and sweep7_dense_steps.jsonl, all beside this file; each variant is compared
 with the PEFT run of the same seed's `deft demo`. From the repository root:
 
-    python docs/demo_tuning/variant_table.py
+    python docs/demo_tuning/variant_table.py [--plot "set-point 0.995, 1 step in 3 dense"]
 
 Columns: dense accuracy change, accuracy change at sparsity 0.99 over PEFT + thresholds, accuracy at 0.995 against
 the usable bar (PEFT's dense accuracy − 1 point), all in points; "usable" is DEFT's usable sparsity among the
 scored points, per seed ("dense only": none of the thresholded ones). Then the same per seed, with the
-accuracies.
+accuracies. `--plot VARIANT` draws that variant's mean frontier over its seeds against PEFT's (demo_seeds.plot, on
+the grid points every seed scored) into ../demo_frontier_<file stem>.png, e.g. demo_frontier_sweep7_dense_steps.png.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
 import statistics
+
+from demo_seeds import plot
 
 HERE = pathlib.Path(__file__).resolve().parent
 VARIANT_FILES = ("sweep6_demo_variants.jsonl", "sweep7_dense_steps.jsonl")
@@ -48,7 +52,8 @@ def rows() -> list[dict]:
             if line.get("dense_every"):
                 label += f", 1 step in {line['dense_every']} dense"
             out.append(figures(label, line["seed"], line["deft_frontier"], line["peft_frontier"],
-                               line["peft_dense_accuracy"]))
+                               line["peft_dense_accuracy"]) | {"file": name, "frontier": {
+                                   "deft": line["deft_frontier"], "peft": line["peft_frontier"]}})
     return out
 
 
@@ -72,7 +77,23 @@ def usable_cell(sparsity: float | None) -> str:
     return {None: "none", 0.0: "dense only"}.get(sparsity, f"{sparsity:g}")
 
 
+def plot_variant(table: list[dict], variant: str) -> pathlib.Path:
+    runs = sorted((r for r in table if r["variant"] == variant and "file" in r), key=lambda r: r["seed"])
+    if not runs:
+        raise SystemExit(f"no variant {variant!r} in {', '.join(VARIANT_FILES)}; the variants: "
+                         f"{sorted({r['variant'] for r in table if 'file' in r})}")
+    common = set.intersection(*({p["sparsity"] for p in r["frontier"]["deft"]} for r in runs))
+    lines = [{"seed": r["seed"], "frontier": {run: [p for p in points if p["sparsity"] in common]
+                                             for run, points in r["frontier"].items()}} for r in runs]
+    path = HERE.parent / f"demo_frontier_{pathlib.Path(runs[0]['file']).stem}.png"
+    plot(lines, path, title=variant)
+    return path
+
+
 def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--plot", metavar="VARIANT", help="draw this variant's mean frontier (a name of the table)")
+    args = parser.parse_args()
     table = rows()
     print("| variant | seeds | dense (pt) | @0.99 vs PEFT (pt) | @0.995 vs usable bar (pt) | usable of the scored |")
     print("|---|---|---|---|---|---|")
@@ -89,6 +110,8 @@ def main():
         cells = [f"{r[k]:.3f}" for k in ("peft_dense", "deft_dense", "peft_0.99", "deft_0.99", "peft_0.995",
                                          "deft_0.995")]
         print(f"| {r['variant']} | {r['seed']} | " + " | ".join(cells) + f" | {usable_cell(r['usable'])} |")
+    if args.plot:
+        print(f"\nwrote {plot_variant(table, args.plot)}")
 
 
 if __name__ == "__main__":
