@@ -35,20 +35,27 @@ def _density(seen):
     return sum(values) / len(values)
 
 
-@pytest.mark.parametrize("family", ["bert", "llama"])
-def test_density_at_end_of_ramp_is_the_setpoint(family):
+def _density_per_step(family: str, steps: int, **setpoint_kwargs) -> list[float]:
+    """Train-mode forwards and backwards of one batch under a set-point (sparsity 0.9), one per optimizer step:
+    the density the rest of the model saw at each step."""
     model = make_model(family)
     batch = make_batch(family, batch_size=4, seq_len=16)
-    setpoint = SparsitySetpoint(model, sparsity=0.9, ramp_steps=4)
+    setpoint = SparsitySetpoint(model, sparsity=0.9, **setpoint_kwargs)
     seen, handles = _watch(model, batch)
-    measured = {}
-    for step in range(7):
+    measured = []
+    for step in range(steps):
         seen.clear()
         model(**batch).loss.backward()
-        measured[step] = _density(seen)
+        measured.append(_density(seen))
         setpoint.step(step + 1)
     for h in handles:
         h.remove()
+    return measured
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_density_at_end_of_ramp_is_the_setpoint(family):
+    measured = _density_per_step(family, 7, ramp_steps=4)
     assert measured[0] == pytest.approx(1.0, abs=0.02)  # ramp starts dense
     assert measured[2] == pytest.approx(1 - 0.9 * 2 / 4, abs=0.02)  # half-way
     for step in (4, 5, 6):  # the set-point is reached and held
@@ -57,18 +64,7 @@ def test_density_at_end_of_ramp_is_the_setpoint(family):
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_dense_every_trains_every_nth_step_dense(family):
-    model = make_model(family)
-    batch = make_batch(family, batch_size=4, seq_len=16)
-    setpoint = SparsitySetpoint(model, sparsity=0.9, dense_every=3)
-    seen, handles = _watch(model, batch)
-    measured = []
-    for step in range(6):
-        seen.clear()
-        model(**batch).loss.backward()
-        measured.append(_density(seen))
-        setpoint.step(step + 1)
-    for h in handles:
-        h.remove()
+    measured = _density_per_step(family, 6, dense_every=3)
     dense = pytest.approx(1.0, abs=0.02)  # GELU/SiLU: (almost) no exact zeros without the mask
     assert measured == [pytest.approx(0.1, abs=0.01), pytest.approx(0.1, abs=0.01), dense] * 2
 
