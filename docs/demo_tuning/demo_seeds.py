@@ -37,13 +37,19 @@ def load(folder: str) -> dict:
     }
 
 
+def accuracy_of(frontier: list[dict], sparsity: float) -> float:
+    return next(p["accuracy"] for p in frontier if p["sparsity"] == sparsity)
+
+
 def accuracy_at(line: dict, run: str, sparsity: float) -> float:
-    return next(p["accuracy"] for p in line["frontier"][run] if p["sparsity"] == sparsity)
+    return accuracy_of(line["frontier"][run], sparsity)
 
 
 def spread(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):+.1f} ± {sd:.1f}"
+    """Mean ± sample standard deviation (one value: the value alone)."""
+    if len(values) == 1:
+        return f"{values[0]:+.1f}"
+    return f"{statistics.mean(values):+.1f} ± {statistics.stdev(values):.1f}"
 
 
 def summary(lines: list[dict]) -> str:

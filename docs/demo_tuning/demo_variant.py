@@ -8,7 +8,8 @@ so run the default demo first. From the repository root:
     PYTHONPATH=$PWD:$PWD/plugins python docs/demo_tuning/demo_variant.py --peft runs/seed1 --seed 1 \
         --sparsity-setpoint 0.99 [--ramp-share 0.6] [--gradient ste] [--dense-every 2] [--grid 0.99,0.995,0.998]
 
-Appends one JSON line per run to sweep6_demo_variants.jsonl beside this file.
+Appends one JSON line per run to sweep7_dense_steps.jsonl beside this file (`--out`; sweep 6 wrote
+sweep6_demo_variants.jsonl, with every step masked).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def main():
     p.add_argument("--dense-every", type=int, default=demo.DEMO_DENSE_EVERY,
                    help="DeftConfig.setpoint_dense_every (sweep 6 ran with 0: every step masked)")
     p.add_argument("--grid", default="0.99,0.995,0.998", help="thresholded grid points scored (0 is always scored)")
-    p.add_argument("--out", default=str(HERE / "sweep6_demo_variants.jsonl"))
+    p.add_argument("--out", default=str(HERE / "sweep7_dense_steps.jsonl"))
     args = p.parse_args()
 
     peft = json.loads((pathlib.Path(args.peft) / "results.json").read_text())

@@ -1,10 +1,11 @@
 """The set-point variants of sweeps 6 and 7 side by side with the demo default, per seed and as mean ± sd.
 
-Reads demo_seeds.jsonl (full `deft demo` runs of the default before sweep 7: set-point 0.995, every step masked) and the demo_variant.py
-lines of sweep6_demo_variants.jsonl and sweep7_dense_steps.jsonl, all beside this file; each variant is compared
+Reads demo_seeds.jsonl (full `deft demo` runs of the default before sweep 7: set-point 0.995, every step masked)
+and the demo_variant.py lines of sweep6_demo_variants.jsonl and sweep7_dense_steps.jsonl, all beside this file; each variant is compared
 with the PEFT run of the same seed's `deft demo`. From the repository root:
 
-    python docs/demo_tuning/variant_table.py [--plot "set-point 0.995, 1 step in 3 dense"]
+    PYTHONPATH=$PWD:$PWD/plugins python docs/demo_tuning/variant_table.py \
+        [--plot "set-point 0.995, 1 step in 3 dense"]
 
 Columns: dense accuracy change, accuracy change at sparsity 0.99 over PEFT + thresholds, accuracy at 0.995 against
 the usable bar (PEFT's dense accuracy − 1 point), all in points; "usable" is DEFT's usable sparsity among the
@@ -18,29 +19,21 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import statistics
 
-from demo_seeds import plot
+from demo_seeds import accuracy_of as at
+from demo_seeds import plot, spread
+from deft_cli.frontier import usable_sparsity
 
 HERE = pathlib.Path(__file__).resolve().parent
 VARIANT_FILES = ("sweep6_demo_variants.jsonl", "sweep7_dense_steps.jsonl")
-
-
-def at(frontier: list[dict], sparsity: float) -> float:
-    return next(p["accuracy"] for p in frontier if p["sparsity"] == sparsity)
-
-
-def usable(frontier: list[dict], reference: float) -> float | None:
-    within = [p["sparsity"] for p in frontier if p["accuracy"] >= reference - 0.01 - 1e-12]
-    return max(within) if within else None
 
 
 def rows() -> list[dict]:
     """One row per (variant, seed): the figures of the table."""
     out = []
     for line in map(json.loads, (HERE / "demo_seeds.jsonl").read_text().splitlines()):
-        out.append(figures("set-point 0.995, every step masked (the default before sweep 7)", line["seed"], line["frontier"]["deft"],
-                           line["frontier"]["peft"], line["accuracy"]["peft"]))
+        out.append(figures("set-point 0.995, every step masked (the default before sweep 7)", line["seed"],
+                           line["frontier"]["deft"], line["frontier"]["peft"], line["accuracy"]["peft"]))
     for name in VARIANT_FILES:
         path = HERE / name
         if not path.exists():
@@ -64,13 +57,7 @@ def figures(label: str, seed: int, deft: list[dict], peft: list[dict], peft_dens
             "dense": 100 * (at(deft, 0.0) - peft_dense),
             "gain_0.99": 100 * (at(deft, 0.99) - at(peft, 0.99)),
             "margin_0.995": 100 * (at(deft, 0.995) - (peft_dense - 0.01)),
-            "usable": usable(deft, peft_dense)}
-
-
-def mean_sd(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:+.1f}"
-    return f"{statistics.mean(values):+.1f} ± {statistics.stdev(values):.1f}"
+            "usable": usable_sparsity(deft, peft_dense)}
 
 
 def usable_cell(sparsity: float | None) -> str:
@@ -99,7 +86,7 @@ def main():
     print("|---|---|---|---|---|---|")
     for variant in dict.fromkeys(r["variant"] for r in table):
         runs = sorted((r for r in table if r["variant"] == variant), key=lambda r: r["seed"])
-        cells = [mean_sd([r[k] for r in runs]) for k in ("dense", "gain_0.99", "margin_0.995")]
+        cells = [spread([r[k] for r in runs]) for k in ("dense", "gain_0.99", "margin_0.995")]
         per_seed = " / ".join(usable_cell(r["usable"]) for r in runs)
         print(f"| {variant} | {','.join(str(r['seed']) for r in runs)} | " + " | ".join(cells) + f" | {per_seed} |")
     print("\n| variant | seed | PEFT dense | DEFT dense | PEFT @0.99 | DEFT @0.99 | PEFT @0.995 | DEFT @0.995 | "

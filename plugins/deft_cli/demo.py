@@ -453,7 +453,7 @@ def report(results: dict) -> str:
                      f"{c['last_steps']} steps {c['density']:.4f} (error {c['density_error']:+.4f}; {measure})")
     config = results["deft_config"]
     if config.get("sparsity_setpoint") is not None:
-        tail = [h for h in deft["history"][-CONTROLLER_TAIL:] if not h.get("dense_step")]  # the masked steps
+        tail = masked_steps(deft["history"][-CONTROLLER_TAIL:])
         lines.append(f"sparsity set-point {config['sparsity_setpoint']:g}, ramped over {config['setpoint_ramp_steps']} "
                      f"steps ({config['setpoint_schedule']}, gradient {config['setpoint_gradient']}"
                      f"{_dense_steps(config)}); training "
@@ -461,6 +461,11 @@ def report(results: dict) -> str:
     if "ada" in deft:
         lines += ["", ada_report(deft["ada"])]
     return "\n".join(lines)
+
+
+def masked_steps(history: list[dict]) -> list[dict]:
+    """The history entries of the steps trained under the set-point (setpoint_dense_every: dense steps left out)."""
+    return [h for h in history if not h.get("dense_step")]
 
 
 def _dense_steps(config: dict) -> str:
@@ -522,7 +527,7 @@ def plot_density(results: dict, path) -> None:
     left.legend(loc="lower left", fontsize=8)
 
     steps = [h["step"] for h in deft["history"]]
-    masked = [h for h in deft["history"] if not h.get("dense_step")]  # setpoint_dense_every: dense steps left out
+    masked = masked_steps(deft["history"])
     right.plot([h["step"] for h in masked], [h["density"] for h in masked], color="#d95f02", lw=1,
                label="DEFT density (training batch" + (", masked steps)" if len(masked) < len(steps) else ")"))
     right.axhline(peft["density"], color="#8c8c8c", ls="--", lw=1, label="PEFT density (held-out)")
