@@ -1,8 +1,8 @@
 """The set-point variants of sweeps 6 and 7 side by side with the demo default, per seed and as mean ± sd.
 
 Reads demo_seeds.jsonl (full `deft demo` runs of the default before sweep 7: set-point 0.995, every step masked)
-and the demo_variant.py lines of sweep6_demo_variants.jsonl and sweep7_dense_steps.jsonl, all beside this file; each variant is compared
-with the PEFT run of the same seed's `deft demo`. From the repository root:
+and the demo_variant.py lines of sweep6_demo_variants.jsonl and sweep7_dense_steps.jsonl, all beside this file;
+each variant is compared with the PEFT run of the same seed's `deft demo`. From the repository root:
 
     PYTHONPATH=$PWD:$PWD/plugins python docs/demo_tuning/variant_table.py \
         [--plot "set-point 0.995, 1 step in 3 dense"]
