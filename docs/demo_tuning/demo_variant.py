@@ -1,4 +1,5 @@
-"""Sweep 6: a DEFT variant through the demo's own training and scoring, against the same seed's `deft demo` PEFT run.
+"""Sweeps 6 to 8: a DEFT variant through the demo's own training and scoring, against the same seed's `deft demo`
+PEFT run.
 
 The DEFT run of `deft demo` (plugins/deft_cli/demo.py: train_and_evaluate, the same data split, batch order,
 1,000 scored texts and 200 calibration texts) with other set-point settings; its frontier on a subset of the grid
@@ -6,10 +7,11 @@ The DEFT run of `deft demo` (plugins/deft_cli/demo.py: train_and_evaluate, the s
 so run the default demo first. From the repository root:
 
     PYTHONPATH=$PWD:$PWD/plugins python docs/demo_tuning/demo_variant.py --peft runs/seed1 --seed 1 \
-        --sparsity-setpoint 0.99 [--ramp-share 0.6] [--gradient ste] [--dense-every 2] [--grid 0.99,0.995,0.998]
+        --sparsity-setpoint 0.99 [--ramp-share 0.6] [--schedule geometric] [--gradient ste] [--dense-every 2] \
+        [--grid 0.99,0.995,0.998]
 
-Appends one JSON line per run to sweep7_dense_steps.jsonl beside this file (`--out`; sweep 6 wrote
-sweep6_demo_variants.jsonl, with every step masked).
+Appends one JSON line per run to sweep8_more_variants.jsonl beside this file (`--out`; sweep 6 wrote
+sweep6_demo_variants.jsonl, with every step masked, and sweep 7 sweep7_dense_steps.jsonl).
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ def main():
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--sparsity-setpoint", type=float, default=demo.DEMO_SETPOINT)
     p.add_argument("--ramp-share", type=float, default=demo.DEMO_RAMP_SHARE)
+    p.add_argument("--schedule", default="linear", choices=["linear", "geometric"])
     p.add_argument("--gradient", default="mask", choices=["mask", "ste"])
     p.add_argument("--dense-every", type=int, default=demo.DEMO_DENSE_EVERY,
                    help="DeftConfig.setpoint_dense_every (sweep 6 ran with 0: every step masked)")
     p.add_argument("--grid", default="0.99,0.995,0.998", help="thresholded grid points scored (0 is always scored)")
-    p.add_argument("--out", default=str(HERE / "sweep7_dense_steps.jsonl"))
+    p.add_argument("--out", default=str(HERE / "sweep8_more_variants.jsonl"))
     args = p.parse_args()
 
     peft = json.loads((pathlib.Path(args.peft) / "results.json").read_text())
@@ -46,8 +49,8 @@ def main():
         raise SystemExit(f"{args.peft} is seed {peft['settings']['seed']}, not {args.seed}")
     steps = demo.DemoSettings().steps
     config = DeftConfig(coef=0.0, sparsity_setpoint=args.sparsity_setpoint,
-                        setpoint_ramp_steps=round(args.ramp_share * steps), setpoint_gradient=args.gradient,
-                        setpoint_dense_every=args.dense_every)
+                        setpoint_ramp_steps=round(args.ramp_share * steps), setpoint_schedule=args.schedule,
+                        setpoint_gradient=args.gradient, setpoint_dense_every=args.dense_every)
     settings = demo.DemoSettings(seed=args.seed, model=str(default_model_dir()), deft=config)
     grid = (0.0, *(float(s) for s in args.grid.split(",")))
     demo.accuracy_frontier = functools.partial(demo.accuracy_frontier, grid=grid)  # score only these points
@@ -57,7 +60,8 @@ def main():
     peft_points = {p["sparsity"]: p for p in peft["frontier"]["peft"]}
     reference = peft["peft"]["accuracy"]
     line = {"seed": args.seed, "sparsity_setpoint": args.sparsity_setpoint, "ramp_share": args.ramp_share,
-            "gradient": args.gradient, "dense_every": args.dense_every, "deft_frontier": run["frontier"],
+            "schedule": args.schedule, "gradient": args.gradient, "dense_every": args.dense_every,
+            "deft_frontier": run["frontier"],
             "peft_frontier": [peft_points[s] for s in grid], "peft_dense_accuracy": reference,
             "usable_of_scored": {"deft": usable_sparsity(run["frontier"], reference),
                                  "peft": usable_sparsity([peft_points[s] for s in grid], reference)},

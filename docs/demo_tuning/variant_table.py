@@ -1,8 +1,9 @@
-"""The set-point variants of sweeps 6 and 7 side by side with the demo default, per seed and as mean ± sd.
+"""The set-point variants of sweeps 6 to 8 side by side with the demo default, per seed and as mean ± sd.
 
 Reads demo_seeds.jsonl (full `deft demo` runs of the default before sweep 7: set-point 0.995, every step masked)
-and the demo_variant.py lines of sweep6_demo_variants.jsonl and sweep7_dense_steps.jsonl, all beside this file;
-each variant is compared with the PEFT run of the same seed's `deft demo`. From the repository root:
+and the demo_variant.py lines of sweep6_demo_variants.jsonl, sweep7_dense_steps.jsonl and
+sweep8_more_variants.jsonl, all beside this file; each variant is compared with the PEFT run of the same seed's
+`deft demo`. From the repository root:
 
     PYTHONPATH=$PWD:$PWD/plugins python docs/demo_tuning/variant_table.py \
         [--plot "set-point 0.995, 1 step in 3 dense"]
@@ -25,7 +26,7 @@ from demo_seeds import plot, spread
 from deft_cli.frontier import usable_sparsity
 
 HERE = pathlib.Path(__file__).resolve().parent
-VARIANT_FILES = ("sweep6_demo_variants.jsonl", "sweep7_dense_steps.jsonl")
+VARIANT_FILES = ("sweep6_demo_variants.jsonl", "sweep7_dense_steps.jsonl", "sweep8_more_variants.jsonl")
 
 
 def rows() -> list[dict]:
@@ -40,6 +41,10 @@ def rows() -> list[dict]:
             continue
         for line in map(json.loads, path.read_text().splitlines()):
             label = f"set-point {line['sparsity_setpoint']:g}"
+            if line["ramp_share"] != 0.6:
+                label += f", ramp {line['ramp_share']:.0%}"
+            if line.get("schedule", "linear") != "linear":
+                label += f", {line['schedule']} ramp"
             if line["gradient"] != "mask":
                 label += f", gradient {line['gradient']}"
             if line.get("dense_every"):
@@ -61,7 +66,9 @@ def figures(label: str, seed: int, deft: list[dict], peft: list[dict], peft_dens
 
 
 def usable_cell(sparsity: float | None) -> str:
-    return {None: "none", 0.0: "dense only"}.get(sparsity, f"{sparsity:g}")
+    if sparsity is None:  # not even the dense point is within 1 point of PEFT's dense accuracy
+        return "none"
+    return "dense only" if sparsity == 0.0 else f"{sparsity:g}"
 
 
 def plot_variant(table: list[dict], variant: str) -> pathlib.Path:
