@@ -23,6 +23,7 @@ import pathlib
 
 from demo_seeds import accuracy_of as at
 from demo_seeds import plot, spread
+from deft_cli.demo import DEMO_RAMP_SHARE
 from deft_cli.frontier import usable_sparsity
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -41,7 +42,7 @@ def rows() -> list[dict]:
             continue
         for line in map(json.loads, path.read_text().splitlines()):
             label = f"set-point {line['sparsity_setpoint']:g}"
-            if line["ramp_share"] != 0.6:
+            if line["ramp_share"] != DEMO_RAMP_SHARE:
                 label += f", ramp {line['ramp_share']:.0%}"
             if line.get("schedule", "linear") != "linear":
                 label += f", {line['schedule']} ramp"
