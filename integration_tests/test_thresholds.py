@@ -143,9 +143,17 @@ def test_qlora(tmp_path):
         pytest.skip("bitsandbytes is not installed (pip install 'deft-plugins[qlora]')")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from fixtures import save_model_dir
+    from fixtures import _config, make_tokenizer
 
-    path = save_model_dir("llama", tmp_path / "llama")
+    # bitsandbytes >= 0.50.2 packs 4-bit weights for CPU inference in blocks of 64 input features: the fixture's
+    # 32-wide projections fail there (a reshape to width 0), so this model is twice as wide.
+    config = _config("llama")
+    config.hidden_size, config.intermediate_size = 2 * config.hidden_size, 2 * config.intermediate_size
+    config.head_dim = config.hidden_size // config.num_attention_heads
+    path = tmp_path / "llama"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                       bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, device_map="cpu")
