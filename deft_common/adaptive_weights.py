@@ -170,7 +170,7 @@ def load_layer_weights(model: nn.Module, directory) -> AdaptiveLayerWeights:
         scale, temperature = float(record["logit_scale"]), float(record["temperature"])
     except (ValueError, KeyError, TypeError) as err:
         raise DeftConfigError(f"{path}: not an ADA-DEFT weights file ({err!r}); write it with save_layer_weights") from err
-    known = [s.name for s in find_mlp_sites(model, DeftConfig(coef=0.0, capture="down_in"))]
+    known = [s.name for s in find_mlp_sites(model, capture="down_in")]
     missing = [n for n in names if n not in known]
     if missing or len(logits) != len(names):
         raise DeftConfigError(

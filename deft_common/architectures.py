@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import DeftConfig, DeftConfigError
+from .config import DeftConfig
+from .errors import DeftConfigError
 
 ACTIVATION_ATTRS = ("act_fn", "act", "activation_fn", "intermediate_act_fn", "activation")
 DOWN_PROJ_ATTRS = ("down_proj", "wo", "c_proj", "fc2", "dense_4h_to_h", "fc_out", "w2")
@@ -100,6 +101,45 @@ def unwrapped(layer: nn.Module) -> nn.Module:
     return getattr(layer, "base_layer", layer)
 
 
+@dataclass(frozen=True)
+class GatedMlp:
+    """The parts of a gated MLP block: down(between(act(gate(x)) * up(x))). `gate_rows` / `up_rows` slice the output
+    features of a fused projection (Phi-3's gate_up_proj: gate first, then up), else None."""
+
+    gate: nn.Module
+    up: nn.Module
+    down: nn.Module
+    between: nn.Module | None = None  # T5's dropout between the product and wo
+    gate_rows: slice | None = None
+    up_rows: slice | None = None
+
+
+def gated_mlp(block: nn.Module) -> GatedMlp | None:
+    """The gate, up- and down-projection of a gated MLP block (Llama, Mistral, Qwen, Gemma, Phi-3, gated T5), None for
+    a non-gated one."""
+    has = lambda *attrs: all(isinstance(getattr(block, a, None), nn.Module) for a in attrs)
+    if has("gate_proj", "up_proj", "down_proj"):
+        return GatedMlp(block.gate_proj, block.up_proj, block.down_proj)
+    if has("gate_up_proj", "down_proj"):
+        width = block.gate_up_proj.weight.shape[0] // 2
+        return GatedMlp(block.gate_up_proj, block.gate_up_proj, block.down_proj,
+                        gate_rows=slice(0, width), up_rows=slice(width, None))
+    if has("wi_0", "wi_1", "wo"):
+        return GatedMlp(block.wi_0, block.wi_1, block.wo, between=getattr(block, "dropout", None))
+    return None
+
+
+def width_of(site: MlpSite) -> int | None:
+    """Hidden units at the block's capture points: the down-projection's input size (None when it is not a known
+    layer)."""
+    down = unwrapped(site.down)
+    for attr in ("in_features", "nx"):  # nn.Linear (and bitsandbytes' subclasses); GPT-2's Conv1D
+        value = getattr(down, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
 def _as_site(name: str, module: nn.Module) -> MlpSite | None:
     split = split_mlp(module)
     if split is not None:
@@ -113,9 +153,13 @@ def _as_site(name: str, module: nn.Module) -> MlpSite | None:
     return MlpSite(name, _stack_of(name), act, down)
 
 
-def find_mlp_sites(model: nn.Module, config: DeftConfig) -> list[MlpSite]:
-    """Every MLP block of `model` (a plain or PEFT-wrapped HF model) selected by `config.layers`,
-    in forward order (encoder first). Raises DeftConfigError when nothing usable is found."""
+def find_mlp_sites(model: nn.Module, config: DeftConfig | None = None, *, capture: str | None = None
+                   ) -> list[MlpSite]:
+    """The MLP blocks of `model` (a plain or PEFT-wrapped HF model) selected by `config.layers` / `config.modules`
+    (no config: every block), in forward order (encoder first), each with a module to hook at `capture` (default
+    `config.capture`). Raises DeftConfigError when nothing usable is found."""
+    config = config if config is not None else DeftConfig(coef=0.0)
+    capture = capture if capture is not None else config.capture
     base = base_model_of(model)
     if config.modules:
         sites = _sites_from_patterns(base, config.modules)
@@ -134,15 +178,15 @@ def find_mlp_sites(model: nn.Module, config: DeftConfig) -> list[MlpSite]:
                 "Name the modules to hook with DeftConfig(modules=[<regex>, ...])."
             )
     sites = _select_layers(sites, config.layers)
-    missing = [s.name for s in sites if s.capture_module(config.capture) is None]
+    missing = [s.name for s in sites if s.capture_module(capture) is None]
     if missing:
         hint = (
             "its activation is fused or a plain function (e.g. Liger kernels); use capture='down_in'"
-            if config.capture == "act"
+            if capture == "act"
             else "name the modules with DeftConfig(modules=...)"
         )
         raise DeftConfigError(
-            f"capture={config.capture!r}: {len(missing)} MLP block(s) have no module to hook "
+            f"capture={capture!r}: {len(missing)} MLP block(s) have no module to hook "
             f"(first: {missing[0]}); {hint}"
         )
     return sites

@@ -122,7 +122,7 @@ def skip_mlp_blocks(model: nn.Module, names: list[str]) -> SkipReport:
     """Replace the MLP blocks `names` of `model` (plain or PEFT-wrapped) by their zero-activation output (see the
     module docstring) and drop their weights. For inference: remove any DensityTracker on the model first."""
     base = base_model_of(model)
-    sites = {s.name: s for s in find_mlp_sites(model, DeftConfig(coef=0.0, capture="down_in"))}
+    sites = {s.name: s for s in find_mlp_sites(model, capture="down_in")}
     if not names:
         raise DeftConfigError("skip_mlp_blocks: no MLP block named; pass the names choose_blocks_to_skip returns")
     for name in names:

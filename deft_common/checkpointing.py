@@ -12,11 +12,7 @@ import functools
 
 from torch import nn
 
-from .config import DeftConfigError
-
-
-class DeftCheckpointingError(DeftConfigError):
-    """Reentrant gradient checkpointing would give the density term no gradient."""
+from .errors import DeftCheckpointingError
 
 
 REENTRANT_FIX = (

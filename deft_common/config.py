@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import DeftConfigError
+
 CAPTURE_POINTS = ("act", "down_in")
 SETPOINT_SCHEDULES = ("linear", "geometric")
 SETPOINT_GRADIENTS = ("mask", "ste")
@@ -20,8 +22,6 @@ SETPOINT_GRADIENTS = ("mask", "ste")
 _RANGE = re.compile(r"^\s*(\d+)\s*([-:])\s*(\d+)\s*$")
 
 
-class DeftConfigError(ValueError):
-    """A DEFT setting is wrong; the message names the field and how to fix it."""
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """`DensityLossEngine`: the density term of each training forward, in one place for every adapter.
 
 It owns the DensityTracker on the model, the sparsity set-point (DeftConfig.sparsity_setpoint: the training
-forward keeps only each MLP block's largest activations, deft_common.setpoint), the weight of each optimizer step
+forward keeps only each MLP block's largest activations, deft_common.sparsity.setpoint), the weight of each optimizer step
 (DensityWeight: fixed coef, warm-up, or the target-density controller), and the metrics windows (DensitySums, one
 for training and one for evaluation forwards). A training forward is
 
@@ -26,7 +26,7 @@ from torch import nn
 from .architectures import device_of
 from .config import DeftConfig
 from .density_weight import DensitySums, DensityWeight
-from .setpoint import SparsitySetpoint
+from .sparsity.setpoint import SparsitySetpoint
 from .tracker import DensityTracker
 
 MODES = ("train", "eval")
@@ -39,7 +39,8 @@ class DensityLossEngine:
 
     def __init__(self, model: nn.Module, config: DeftConfig | None = None, device: torch.device | str | None = None):
         config = DeftConfig() if config is None else config
-        # The set-point's hooks go on before the tracker's, so the tracker measures the activations it masked.
+        # The set-point and the tracker are stages of one capture (deft_common.capture): the tracker always
+        # measures the activations the set-point left, whichever is built first.
         self.setpoint = SparsitySetpoint.from_config(model, config) if isinstance(config, DeftConfig) else None
         self.tracker = DensityTracker(model, config)
         self.config = self.tracker.config
@@ -99,8 +100,15 @@ class DensityLossEngine:
             <prefix>deft/density           mean over MLP blocks of the fraction of active entries (|a| > threshold)
             <prefix>deft/loss              mean density term (coef × density loss) of the training forwards
             <prefix>deft/density/<block>   per MLP block (per_block=True)
-            training only: the weight's log() (deft/coef, and with target_density deft/target_density and
-            deft/density_error), and with adaptive=True deft/adaptive_weight/<block>
+            training only:
+            deft/coef                      the weight of the last step, when it changes over training
+                                           (coef_warmup_steps, or target_density: then also deft/target_density and
+                                           deft/density_error, from the controller)
+            deft/sparsity_setpoint         the set-point's sparsity in force, with sparsity_setpoint
+            deft/adaptive_weight/<block>   with adaptive=True, the ADA-DEFT weight (mean 1) of the last forward
+
+        This is the one list of DEFT's metric keys: the loss hook, the HF callback and mixin, the DeepSpeed hook and
+        Axolotl log these.
 
         Empty when nothing was recorded since the last pop. A collective when torch.distributed is initialised and
         any process recorded in this mode: every process must call it."""

@@ -23,22 +23,17 @@ then optimises the DEFT loss without knowing about it; wrappers call `module(...
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 
-from .architectures import base_model_of
+from .capture import forward_arguments
 from .config import DeftConfig
 from .density_weight import DensityWeight
+from .errors import DeftLossError
 from .loss_engine import DensityLossEngine
 from .tracker import DensityTracker
-
-
-class DeftLossError(RuntimeError):
-    """The model's output has no loss the density term can be added to."""
-
 
 NO_LOSS_FIX = (
     "pass `labels` in the batch so the model computes its loss, or add the term yourself: remove this hook, "
@@ -94,7 +89,7 @@ class DensityLossHook:
         training = module.training and torch.is_grad_enabled()
         if not training and (module.training or not self.measure_eval):
             return  # generate(), no_grad in train mode, eval without measure_eval: the loss stays untouched
-        inputs = _named_inputs(module, args, kwargs)
+        inputs = forward_arguments(module, args, kwargs)
         if not training and inputs.get("labels") is None:
             return  # an evaluation forward without labels (generate()): nothing to measure
         record = self.engine.recording(inputs, self.global_step if training else None)
@@ -152,13 +147,11 @@ class DensityLossHook:
 
     # ---------------------------------------------------------------- metrics
     def last_metrics(self) -> dict[str, float]:
-        """{"deft/density": mean over layers of the fraction of active entries, "deft/loss": mean density term
-        (coef × density loss, as added to the loss)}
-        over the training forwards since the previous call (the micro-batches of the last optimizer step when called
-        once per step) and over every process, plus the weight (`DensityWeight.log()`: deft/coef, and with
-        target_density the controller's keys) when it changes over training, and with DeftConfig(adaptive=True)
-        the ADA-DEFT weights of the last forward (deft/adaptive_weight/<block>). Empty when nothing was recorded
-        anywhere. A collective when torch.distributed is initialised: every process must call it."""
+        """The metrics of the training forwards since the previous call (the micro-batches of the last optimizer step
+        when called once per step), over every process: the keys of `DensityLossEngine.pop_metrics` without the
+        per-block densities (deft/density, deft/loss, and deft/coef ... when the weight changes over training).
+        Empty when nothing was recorded anywhere. A collective when torch.distributed is initialised: every process
+        must call it."""
         return self.engine.pop_metrics("train", per_block=False)
 
     def density(self, threshold: float | None = None) -> dict[str, float]:
@@ -175,17 +168,6 @@ class DensityLossHook:
             handle.remove()
         self._handles = []
         self.engine.remove()
-
-
-def _named_inputs(module: nn.Module, args: tuple, kwargs: dict) -> dict:
-    """The forward's inputs by name, so a positionally passed attention_mask is found too. Bound against the base
-    model's forward: PEFT wrappers take (*args, **kwargs) and hand them on unchanged."""
-    if not args:
-        return kwargs
-    try:
-        return dict(inspect.signature(base_model_of(module).forward).bind_partial(*args, **kwargs).arguments)
-    except (TypeError, ValueError):
-        return kwargs
 
 
 def _loss_of(outputs) -> torch.Tensor | None:

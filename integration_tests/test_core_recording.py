@@ -31,7 +31,7 @@ def _assert_freed(refs):
 
 
 def _assert_nothing_kept(tracker):
-    assert tracker._records == {} and tracker._pad_rows_cache == {} and tracker._masks == {}
+    assert tracker._records == {} and tracker._capture._rows == {} and tracker._capture.masks == {}
     with pytest.raises(RuntimeError, match="record"):
         tracker.density_loss()
 
@@ -70,7 +70,7 @@ def test_record_keeps_statistics_not_activations(family):
     for handle in handles:
         handle.remove()
     _assert_freed(refs)  # backward released them; the records hold scalars only
-    assert tracker.density() and tracker._masks == {} and tracker._pad_rows_cache == {}
+    assert tracker.density() and tracker._capture.masks == {} and tracker._capture._rows == {}
     assert all(rec.surrogate_sum.numel() == 1 for rec in tracker._records.values())
 
 
@@ -149,7 +149,7 @@ def test_records_cannot_nest_and_errors_inside_record_propagate():
     with pytest.raises(ValueError, match="boom"):
         with tracker.record(**tracker.masks_for(batch)):
             raise ValueError("boom")
-    assert tracker._recording is False and tracker._masks == {}
+    assert tracker._recording is False and tracker._capture.masks == {}
     with tracker.record(**tracker.masks_for(batch)):  # usable again afterwards
         model(**batch)
     assert tracker.density()

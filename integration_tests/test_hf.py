@@ -25,7 +25,7 @@ from transformers import (
 
 from deft_common import (DeftConfig, DeftConfigError, DensityTracker, SparsityThresholds, apply_thresholds,
                          attach_layer_weights, calibrate_thresholds, layer_weights)
-from deft_common.thresholds import THRESHOLDS_FILE
+from deft_common import THRESHOLDS_FILE
 from deft_hf import DeftCallback, DeftCallbackError, DeftTrainerMixin
 
 KINDS = ["callback", "mixin"]
@@ -284,7 +284,7 @@ def test_setpoint_dense_every_trains_every_nth_step_dense_with_gradient_accumula
 @pytest.mark.parametrize("kind", KINDS)
 def test_setpoint_step_equals_deft_common_by_hand(kind, tmp_path):
     # set-point 0.5 from the first step together with the paper's loss (coef 2): loss and gradients as by hand
-    from deft_common.setpoint import SparsitySetpoint
+    from deft_common import SparsitySetpoint
 
     config = DeftConfig(coef=2.0, sparsity_setpoint=0.5)
     batch = make_batch("llama", batch_size=4, seq_len=8)
@@ -322,7 +322,7 @@ def test_resumed_run_continues_the_setpoint_ramp(kind, tmp_path):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_setpoint_ramp_longer_than_the_run_warns(kind, tmp_path):
-    from deft_common.setpoint import SetpointWarning
+    from deft_common import SetpointWarning
 
     model, dataset = _llama_setup()
     trainer = build_trainer(kind, model, dataset, DeftConfig(coef=0.0, sparsity_setpoint=0.9, setpoint_ramp_steps=10),

@@ -1,4 +1,4 @@
-"""SparsitySetpoint: the training-side sparsity set-point (deft_common.setpoint) on tiny real models."""
+"""SparsitySetpoint: the training-side sparsity set-point (deft_common.sparsity.setpoint) on tiny real models."""
 
 import warnings
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from deft_common import DeftConfig, DeftConfigError, find_mlp_sites
-from deft_common.setpoint import SetpointWarning, SparsitySetpoint
+from deft_common import SetpointWarning, SparsitySetpoint
 from fixtures import make_batch, make_model
 
 
@@ -105,16 +105,16 @@ def test_mask_only_in_training_forwards_with_gradients():
     model.train()
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, nograd_before)
-    with setpoint.disabled():
-        assert torch.equal(model(**batch).logits.detach(), train_before)
     assert not torch.allclose(model(**batch).logits.detach(), train_before)  # the training forward is masked
+    setpoint.remove()
+    assert torch.equal(model(**batch).logits.detach(), train_before)
 
 
 def test_remove_restores_the_model_exactly():
     model = make_model("llama")
     batch = make_batch("llama")
     before = model(**batch).logits.detach()
-    setpoint = SparsitySetpoint(model, sparsity=0.95, gradient="ste", threshold="running")
+    setpoint = SparsitySetpoint(model, sparsity=0.95, gradient="ste")
     model(**batch).loss.backward()
     setpoint.step(1)
     model.zero_grad()
@@ -126,21 +126,17 @@ def test_remove_restores_the_model_exactly():
 def test_resume_continues_the_ramp():
     model = make_model("bert")
     batch = make_batch("bert")
-    first = SparsitySetpoint(model, sparsity=0.9, ramp_steps=10, threshold="running")
+    first = SparsitySetpoint(model, sparsity=0.9, ramp_steps=10)
     for step in range(3):
         model(**batch).loss.backward()
         first.step(step + 1)
     state = first.state_dict()
-    expected_tau = {name: tau for name, tau in first.running.items()}
     first.remove()
-    resumed = SparsitySetpoint(model, sparsity=0.9, ramp_steps=10, threshold="running")
+    resumed = SparsitySetpoint(model, sparsity=0.9, ramp_steps=10)
     assert resumed.current_sparsity == 0.0
     resumed.load_state_dict(state)
     assert resumed.current_step == 3
     assert resumed.current_sparsity == pytest.approx(0.27)
-    assert resumed.running == expected_tau
-    model(**batch).loss.backward()
-    assert resumed.last_thresholds == pytest.approx(expected_tau, rel=1e-6)  # the resumed run masks with the saved running thresholds
     with pytest.raises(ValueError, match="resume with the settings the run started with"):
         SparsitySetpoint(model, sparsity=0.95, ramp_steps=10).load_state_dict(state)
 
@@ -162,18 +158,6 @@ def test_gradient_through_the_zeroed_entries(gradient):
         assert grad_on_zeroed == 0
     else:
         assert grad_on_zeroed > 0
-
-
-def test_density_loss_pulls_the_removed_entries():
-    model = make_model("bert")
-    setpoint = SparsitySetpoint(model, sparsity=0.9, density_term=True)
-    model(**make_batch("bert")).loss.backward()
-    setpoint.step(1)  # the term of that forward was not asked for: dropped at the step
-    assert float(setpoint.density_loss()) == 0.0
-    model(**make_batch("bert")).loss
-    loss = setpoint.density_loss()
-    assert float(setpoint.density_loss()) == 0.0  # cleared by the call before
-    assert 0.0 < float(loss) <= 1.0 and loss.requires_grad  # mean |a|/τ over removed entries is in (0, 1]
 
 
 @pytest.mark.parametrize("sparsity", [1.0, -0.1, float("nan"), True, "0.9"])
@@ -226,9 +210,7 @@ def test_capture_point_that_cannot_be_masked_is_an_error():
 
 @pytest.mark.parametrize("field,value,match", [
     ("gradient", "sign", "gradient='sign' is unknown"),
-    ("threshold", "global", "threshold='global' is unknown"),
     ("schedule", "cosine", "schedule='cosine' is unknown"),
-    ("momentum", 1.0, r"momentum=1.0 must be in \[0, 1\)"),
 ])
 def test_bad_options_are_errors(field, value, match):
     with pytest.raises(DeftConfigError, match=match):

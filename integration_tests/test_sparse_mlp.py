@@ -9,9 +9,9 @@ import torch
 from fixtures import make_batch, make_model
 
 from deft_common import DeftConfig, base_model_of, find_mlp_sites
-from deft_common import sparse_mlp
-from deft_common.sparse_mlp import SparseMlpError, install_sparse_mlp
-from deft_common.thresholds import DeftThresholdsError, apply_thresholds, calibrate_thresholds
+from deft_common.sparsity import kernels, sparse_mlp
+from deft_common import SparseMlpError, install_sparse_mlp
+from deft_common import DeftThresholdsError, apply_thresholds, calibrate_thresholds
 
 FAMILIES = ["llama", "qwen2", "mistral", "gemma", "phi3", "t5_gated", "gpt2", "opt", "bert", "t5"]
 GATED = {"llama", "qwen2", "mistral", "gemma", "phi3", "t5_gated"}
@@ -267,8 +267,8 @@ def test_no_compiler_falls_back_to_torch(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
     monkeypatch.delenv("DEFT_SPARSE_KERNEL", raising=False)
-    monkeypatch.setattr(sparse_mlp, "_EXTENSION_NAME", "deft_sparse_mlp_no_compiler_test")
-    monkeypatch.setattr(sparse_mlp, "_compiled", {})
+    monkeypatch.setattr(kernels, "_EXTENSION_NAME", "deft_sparse_mlp_no_compiler_test")
+    monkeypatch.setattr(kernels, "_compiled", {})
     model = _model("llama")
     with pytest.warns(UserWarning, match="could not be built"):
         handle = install_sparse_mlp(model, _site(model), 0.1, "act")

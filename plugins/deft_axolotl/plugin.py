@@ -29,9 +29,8 @@ import difflib
 from axolotl.integrations.base import BasePlugin, PluginManager
 from axolotl.utils.logging import get_logger
 
-from deft_common import DeftConfig, DeftConfigError
+from deft_common import THRESHOLDS_FILE, DeftConfig, DeftConfigError
 from deft_common.adaptive import WEIGHTS_FILE
-from deft_common.thresholds import THRESHOLDS_FILE
 
 from .args import DeftBlock
 from .trainer import deft_trainer_class, is_deft_trainer, save_layer_weights_with_model, save_thresholds_with_model

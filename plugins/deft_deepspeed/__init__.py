@@ -13,7 +13,7 @@ the default engine.backward; older versions raise a clear error). With the HF Tr
 """
 
 from deft_common import DeftConfig
-from deft_common.loss_hook import DeftLossError
+from deft_common import DeftLossError
 
 from .hook import DeftLossHook, save_layer_weights
 

@@ -33,7 +33,7 @@ from torch import nn
 from deft_common import DeftConfig, DeftConfigError, layer_weights
 from deft_common.adaptive_weights import save_gathered_layer_weights
 from deft_common.loss_hook import DensityLossHook
-from deft_common.thresholds import SparsityThresholds, save_inference_thresholds
+from deft_common import SparsityThresholds, save_inference_thresholds
 
 # deepspeed 0.19.8 (PR #8245) divides the whole loss by GAS once and keeps the output hooks from scaling again.
 FIXED_GAS_SCALING = (0, 19, 8)

@@ -37,7 +37,7 @@ import transformers
 from packaging.version import Version
 from transformers import TrainerCallback
 
-from deft_common import DeftConfig, DeftConfigError, DensityLossHook, DensityTracker
+from deft_common import DeftConfig, DeftConfigError, DeftError, DensityLossHook, DensityTracker
 
 from .metrics import DeftMetrics
 from .mixin import DeftTrainerMixin
@@ -46,7 +46,7 @@ from .trainer_support import (TrainerResumeState, check_layer_weights_in_optimiz
                               save_layer_weights_with_model, save_thresholds_with_model)
 
 
-class DeftCallbackError(RuntimeError):
+class DeftCallbackError(DeftError, RuntimeError):
     """DeftCallback cannot add the density loss in this setup; the message says why and how to use the mixin."""
 
 

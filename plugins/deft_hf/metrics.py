@@ -3,25 +3,16 @@
 Each recorded forward pass adds its active / real entry counts per MLP layer (and, in training, its density term)
 to a window of the run's deft_common.DensityLossEngine, one for training and one for evaluation (tensors, so a
 forward costs no device sync and no collective). `for_log(logs)` sums the matching window over every process, turns
-it into log keys and empties it; the Trainer logs on every process, so that collective is reached everywhere:
-
-    deft/density              mean over layers of the fraction of active entries (|a| > threshold, real tokens only)
-    deft/density/<layer>      the same per MLP block (its module name)
-    deft/loss                 the density term added to the loss, coef × density loss, mean over micro-batches
-    deft/coef                 the density weight of the last training step, when it changes over training
-                              (coef_warmup_steps > 0, or target_density: then also the controller's
-                              deft/target_density and deft/density_error), from deft_common.DensityWeight.log()
-    deft/adaptive_weight/<layer>  with DeftConfig(adaptive=True): the ADA-DEFT weight of the MLP block (mean 1) as
-                              the last training forward used it
-
-Evaluation logs carry the same keys behind their prefix: `eval_deft/density`, `eval_deft/density/<layer>`.
+it into log keys and empties it; the Trainer logs on every process, so that collective is reached everywhere. The
+keys are those of `DensityLossEngine.pop_metrics` (deft/density, deft/density/<block>, deft/loss, deft/coef, ...);
+evaluation logs carry them behind their prefix: `eval_deft/density`, `eval_deft/density/<block>`.
 """
 
 from __future__ import annotations
 
 import re
 
-from deft_common.loss_engine import DensityLossEngine
+from deft_common import DensityLossEngine
 
 _RUNTIME_KEY = re.compile(r"^(.+)_runtime$")
 

@@ -26,7 +26,7 @@ DIR/deft_thresholds.json (deft_common.SparsityThresholds.load reads it back), an
 deft/calibrated_density.
 
 Sparsity set-point (DeftConfig(sparsity_setpoint=0.995, setpoint_ramp_steps=...)): each training forward keeps only
-each MLP block's largest activations (deft_common.setpoint), ramped by state.global_step, so a resumed run continues
+each MLP block's largest activations (deft_common.sparsity.setpoint), ramped by state.global_step, so a resumed run continues
 the ramp (and its dense steps, setpoint_dense_every); the logs get deft/sparsity_setpoint.
 
 Checkpoints also keep the controller's state and the ADA-DEFT weights (in trainer_state.json), so that

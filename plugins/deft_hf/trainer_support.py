@@ -20,7 +20,7 @@ from torch import nn
 
 from deft_common import DeftConfigError, DensityWeight, base_model_of, layer_weights, make_checkpointing_non_reentrant
 from deft_common.adaptive_weights import save_gathered_layer_weights
-from deft_common.thresholds import SparsityThresholds, save_inference_thresholds
+from deft_common import SparsityThresholds, save_inference_thresholds
 from deft_common.distributed import gathered
 
 logger = logging.getLogger("deft_hf")

@@ -20,11 +20,8 @@ is only masked, decided once at install: no forward override, no per-token check
 every token would fall back anyway (a non-gated BERT-base block at density 0.5 ran 0.89-0.92x dense with the
 per-token check, 1.01x masked only).
 
-Kernels: a small C++ extension (two loops over the selected weight rows, parallel on torch's own thread pool),
-compiled on first use with torch.utils.cpp_extension (needs a C++ compiler and ninja; cached afterwards). Without a
-compiler, or with DEFT_SPARSE_KERNEL=torch, plain torch ops are used (index_select + matmul for the up-projection,
-embedding_bag for the down-projection), which are correct but slower and have a lower crossover. On GPUs the plain
-torch ops are used.
+Kernels: sparsity.kernels (C++ where a compiler is found, else plain torch ops, which are correct but slower and
+have a lower crossover).
 
 Memory: the down-projection's weight is kept a second time, transposed (intermediate x hidden, contiguous), so the
 selected neurons' weights are contiguous rows: +1/3 of a gated MLP's weights, +1/2 of a non-gated one's (GPT-2's
@@ -39,21 +36,19 @@ the copies dropped; modules and parameters are never replaced.
 
 from __future__ import annotations
 
-import os
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .architectures import MlpSite, base_model_of
-from .config import DeftConfigError
-from .thresholds import mask_hook, zero_at_or_below
+from ..architectures import MlpSite, base_model_of, gated_mlp
+from ..errors import SparseMlpError
+from .kernels import backend_for, gather_rows_matvec, scatter_rows_matvec
+from .zeroing import mask_stage
 
 # The fallback rule. Measured on 2 idle CPU cores (AMD EPYC, AVX2), fp32, batch 1, one token, dense and sparse
-# interleaved, medians of 7 rounds, the sparse path forced at each density (`python plugins/deft_cli/inference_bench.py
-# --crossover`): with the C++ kernels the gated Llama-2-7B block ran 1.05x dense at d 0.9, 1.22x at 0.7 and 1.45x at
+# interleaved, medians of 7 rounds, the sparse path forced at each density (`python benchmarks/crossover.py`): with the C++ kernels the gated Llama-2-7B block ran 1.05x dense at d 0.9, 1.22x at 0.7 and 1.45x at
 # 0.5; the non-gated BERT-base block 0.88x at d 0.5, 1.02x at 0.3 and 1.07x at 0.2 (its 2 ms step is dominated by the
 # dense up-projection and per-call overhead). The plain torch kernels (index_select + mv) ran 0.62x at d 0.3 and
 # 1.3x at d 0.1 on the gated block (2 cores under load). Each limit sits below the density where sparse was still
@@ -61,146 +56,6 @@ from .thresholds import mask_hook, zero_at_or_below
 # GEMM gets cheaper per row, so the sparse path stops paying.
 MAX_ACTIVE_FRACTION = {("cpp", True): 0.7, ("cpp", False): 0.25, ("torch", True): 0.15, ("torch", False): 0.15}
 MAX_SPARSE_ROWS = 4
-
-BACKENDS = ("auto", "cpp", "torch")
-
-
-class SparseMlpError(DeftConfigError):
-    """A block that cannot be executed sparsely; the message names the block, the reason and the fix."""
-
-
-# ------------------------------------------------------------------------------------------------- kernels
-_CPP_SOURCE = r"""
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <vector>
-
-// out[t, j] = dot(W[idx[j], :], X[t, :]): only the selected rows of the row-major W are read, each once.
-template <typename T>
-static void gather_rows_matvec_impl(const T* w, const int64_t* idx, const T* x, T* out,
-                                    int64_t k, int64_t cols, int64_t n) {
-  at::parallel_for(0, k, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      const T* row = w + idx[j] * cols;
-      for (int64_t t = 0; t < n; ++t) {
-        const T* xt = x + t * cols;
-        float acc = 0.f;
-        #pragma omp simd reduction(+:acc)
-        for (int64_t c = 0; c < cols; ++c) acc += static_cast<float>(row[c]) * static_cast<float>(xt[c]);
-        out[t * k + j] = static_cast<T>(acc);
-      }
-    }
-  });
-}
-
-// out[t, :] = sum_j coef[t, j] * WT[idx[j], :]. Threads split the columns, so each selected row of WT is read
-// once, in contiguous pieces, and every output element is summed by one thread in float.
-template <typename T>
-static void scatter_rows_matvec_impl(const T* wt, const int64_t* idx, const T* coef, T* out,
-                                     int64_t k, int64_t cols, int64_t n) {
-  at::parallel_for(0, cols, 256, [&](int64_t begin, int64_t end) {
-    const int64_t width = end - begin;
-    std::vector<float> acc(width * n, 0.f);
-    for (int64_t j = 0; j < k; ++j) {
-      const T* row = wt + idx[j] * cols + begin;
-      for (int64_t t = 0; t < n; ++t) {
-        const float a = static_cast<float>(coef[t * k + j]);
-        float* dst = acc.data() + t * width;
-        #pragma omp simd
-        for (int64_t c = 0; c < width; ++c) dst[c] += a * static_cast<float>(row[c]);
-      }
-    }
-    for (int64_t t = 0; t < n; ++t)
-      for (int64_t c = 0; c < width; ++c) out[t * cols + begin + c] = static_cast<T>(acc[t * width + c]);
-  });
-}
-
-torch::Tensor gather_rows_matvec(torch::Tensor w, torch::Tensor idx, torch::Tensor x) {
-  const int64_t k = idx.numel(), cols = w.size(1), n = x.size(0);
-  auto out = torch::empty({n, k}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "gather_rows_matvec", [&] {
-    gather_rows_matvec_impl<scalar_t>(w.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), x.data_ptr<scalar_t>(),
-                                      out.data_ptr<scalar_t>(), k, cols, n);
-  });
-  return out;
-}
-
-torch::Tensor scatter_rows_matvec(torch::Tensor wt, torch::Tensor idx, torch::Tensor coef) {
-  const int64_t k = idx.numel(), cols = wt.size(1), n = coef.size(0);
-  auto out = torch::empty({n, cols}, coef.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, wt.scalar_type(), "scatter_rows_matvec", [&] {
-    scatter_rows_matvec_impl<scalar_t>(wt.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), coef.data_ptr<scalar_t>(),
-                                       out.data_ptr<scalar_t>(), k, cols, n);
-  });
-  return out;
-}
-"""
-
-_EXTENSION_NAME = "deft_sparse_mlp_v2"
-_compiled: dict[str, object] = {}  # extension name -> the loaded module, or None when it could not be built
-
-
-def compile_kernels():
-    """The C++ kernels (built on first use, then loaded from torch's extension cache), or None with a warning
-    saying why when they cannot be built (no compiler, no ninja): the plain torch kernels are used then."""
-    name = _EXTENSION_NAME
-    if name in _compiled:
-        return _compiled[name]
-    try:
-        from torch.utils.cpp_extension import load_inline
-
-        # -fopenmp: at::parallel_for is OpenMP inside torch's headers; without it the kernels run on one thread.
-        # The extension then shares the OpenMP runtime torch has loaded (same soname), so torch's thread count holds.
-        module = load_inline(name, cpp_sources=_CPP_SOURCE, functions=["gather_rows_matvec", "scatter_rows_matvec"],
-                             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                             verbose=False)
-    except (RuntimeError, OSError, ImportError) as err:  # compiler or ninja missing, build failed
-        warnings.warn(f"deft_common.sparse_mlp: the C++ kernels could not be built ({str(err).splitlines()[0]}); "
-                      "using the plain torch kernels (correct, slower). Install a C++ compiler and ninja "
-                      "(pip install ninja) for the fast path, or set DEFT_SPARSE_KERNEL=torch to skip the build.",
-                      stacklevel=3)
-        module = None
-    _compiled[name] = module
-    return module
-
-
-def _backend_for(device: torch.device, backend: str) -> str:
-    if backend not in BACKENDS:
-        raise SparseMlpError(f"backend={backend!r} is unknown; use one of {BACKENDS}")
-    if backend == "auto":
-        backend = os.environ.get("DEFT_SPARSE_KERNEL", "auto")
-        if backend not in BACKENDS:
-            raise SparseMlpError(f"DEFT_SPARSE_KERNEL={backend!r} is unknown; use 'cpp', 'torch' or unset it")
-    if device.type != "cpu":
-        return "torch"
-    if backend == "torch":
-        return "torch"
-    if compile_kernels() is None:
-        if backend == "cpp":
-            raise SparseMlpError("backend='cpp' was asked for but the C++ kernels could not be built (see the "
-                                 "warning above); install a C++ compiler and ninja, or use backend='auto'")
-        return "torch"
-    return "cpp"
-
-
-def gather_rows_matvec(w: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, backend: str) -> torch.Tensor:
-    """(n, k): x (n, cols) times the rows `idx` of w (rows, cols), reading only those rows."""
-    if backend == "cpp":
-        return compile_kernels().gather_rows_matvec(w, idx, x)
-    return x @ w.index_select(0, idx).t()
-
-
-def scatter_rows_matvec(wt: torch.Tensor, idx: torch.Tensor, coef: torch.Tensor, backend: str) -> torch.Tensor:
-    """(n, cols): coef (n, k) times the rows `idx` of wt (rows, cols), reading only those rows."""
-    if backend == "cpp":
-        return compile_kernels().scatter_rows_matvec(wt, idx, coef)
-    if coef.shape[0] == 1 and coef.device.type == "cpu":
-        # One bag per thread (embedding_bag parallelises over bags), summed: reads only the selected rows.
-        bags = max(1, min(torch.get_num_threads(), idx.numel()))
-        offsets = torch.linspace(0, idx.numel(), bags + 1)[:-1].long()
-        return F.embedding_bag(idx, wt, offsets, mode="sum", per_sample_weights=coef[0]).sum(0, keepdim=True)
-    return coef @ wt.index_select(0, idx)
-
 
 # ---------------------------------------------------------------------------------------------- structures
 @dataclass
@@ -241,20 +96,6 @@ def _check_projection(module: nn.Module, where: str) -> None:
             "the sparse kernel needs a plain nn.Linear or Conv1D in fp32/bf16/fp16 (dequantize the model, or use "
             "kernel='mask')"
         )
-
-
-def _gated_structure(block: nn.Module):
-    """(gate, up, down, between) of a gated MLP, None for a non-gated one."""
-    if all(isinstance(getattr(block, a, None), nn.Module) for a in ("gate_proj", "up_proj", "down_proj")):
-        return _Projection(block.gate_proj), _Projection(block.up_proj), block.down_proj, None
-    if isinstance(getattr(block, "gate_up_proj", None), nn.Module) and isinstance(getattr(block, "down_proj", None),
-                                                                                  nn.Module):
-        width = block.gate_up_proj.weight.shape[0] // 2  # Phi-3: gate first, then up (chunk(2, dim=-1))
-        return (_Projection(block.gate_up_proj, slice(0, width)), _Projection(block.gate_up_proj, slice(width, None)),
-                block.down_proj, None)
-    if all(isinstance(getattr(block, a, None), nn.Module) for a in ("wi_0", "wi_1", "wo")):
-        return _Projection(block.wi_0), _Projection(block.wi_1), block.wo, getattr(block, "dropout", None)
-    return None
 
 
 class _TransposedDown:
@@ -323,9 +164,10 @@ def install_sparse_mlp(model: nn.Module, site: MlpSite, threshold: float, captur
     if not threshold >= 0:
         raise SparseMlpError(f"threshold of {site.name} is {threshold!r}; expected a number >= 0")
     block = base_model_of(model).get_submodule(site.name)
-    gated = _gated_structure(block)
+    gated = gated_mlp(block)
     if gated is not None:
-        gate, up, down, between = gated
+        gate, up = _Projection(gated.gate, gated.gate_rows), _Projection(gated.up, gated.up_rows)
+        down, between = gated.down, gated.between
         if capture != "act":
             raise SparseMlpError(
                 f"{site.name} is a gated MLP and its thresholds are gate-less thresholds (capture='down_in') for a "
@@ -344,17 +186,17 @@ def install_sparse_mlp(model: nn.Module, site: MlpSite, threshold: float, captur
         raise SparseMlpError(f"{site.name} already has its forward replaced (a sparse kernel installed twice?); "
                              "remove the earlier handle first")
     device = (gate.module if gated is not None else site.down).weight.device
-    backend = _backend_for(device, backend)
+    backend = backend_for(device, backend)
     rows_limit = MAX_SPARSE_ROWS if max_rows is None else max_rows
     fraction_limit = MAX_ACTIVE_FRACTION[(backend, gated is not None)] if max_active_fraction is None \
         else max_active_fraction
+    # The zeros are made at the capture point by the same stage as the mask path; the sparse forward reads them.
+    mask = mask_stage(model, {site.name: threshold}, [site], capture)
     if calibrated_density is not None and calibrated_density > fraction_limit:
-        return SparseMlpHandle(site, backend, None, [mask_hook(site, threshold, capture)])
+        return SparseMlpHandle(site, backend, None, [mask])
     down_rows = _TransposedDown(down if gated is not None else site.down)
     down_rows.rows()  # the copy is made now, not in the first token's forward
-    handle = SparseMlpHandle(site, backend, overridden, [])
-    if capture == "act":  # the zeros are made at the activation, as the mask path makes them; the kernels read them
-        handle._hooks.append(mask_hook(site, threshold, "act"))
+    handle = SparseMlpHandle(site, backend, overridden, [mask])
 
     def active_columns(a: torch.Tensor) -> torch.Tensor | None:
         """Indices of the neurons active (non-zero) in any row of `a` (rows x width), or None when the dense path is
@@ -399,9 +241,7 @@ def install_sparse_mlp(model: nn.Module, site: MlpSite, threshold: float, captur
     else:
         down = site.down
         original = type(down).forward
-        def down_forward(h: torch.Tensor):
-            if capture == "down_in":
-                h = zero_at_or_below(h, threshold)
+        def down_forward(h: torch.Tensor):  # h was zeroed by the mask stage (a pre-hook at down_in)
             flat = h.reshape(-1, h.shape[-1])
             active = active_columns(flat) if _sparse_allowed(flat, down.weight) else None
             if active is None:

@@ -1,0 +1,180 @@
+"""`SparsitySetpoint`: threshold-aware fine-tuning. In every training forward, each selected MLP block keeps only
+its largest activations (by |a|, at the block's capture point), so the model learns to work at the sparsity that
+calibrated inference thresholds will later impose.
+
+    setpoint = SparsitySetpoint(model, sparsity=0.99, ramp_steps=180, config=DeftConfig())
+    setpoint.check_ramp(total_steps=300)           # warns when the set-point would not be reached
+    for step, batch in enumerate(batches):
+        model(**batch).loss.backward(); optimizer.step(); optimizer.zero_grad()
+        setpoint.step(step + 1)                    # optimizer steps done: moves the ramp
+    setpoint.remove()                              # hooks gone, the model computes exactly what it did before
+
+The sparsity in force after `n` optimizer steps is `setpoint.at(n)`: 0 at the start, rising to `sparsity` at
+`ramp_steps` (linearly in the sparsity, or geometrically in the kept share), then held. Per block, the threshold
+τ is the `at(n)`-quantile of |a| over the real entries of the batch (padding rows never count; the attention mask
+is read from the model's own forward arguments); entries with |a| <= τ are set to 0, by the same rule as calibrated
+inference thresholds (sparsity.zeroing). It is the "setpoint" stage of deft_common.capture, so the density tracker
+measures what it leaves. The mask acts only when the hooked module is in training mode and gradients are enabled:
+evaluation and generate() see the model untouched. With `dense_every=n` every n-th optimizer step trains without
+the mask, so the model learns to be accurate both dense and thresholded.
+
+Gradient through the mask: "mask" (the zeroed entries pass no gradient, as CATS) or "ste" (straight-through, the
+gradient of the dense activation, as Q-Sparse).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from ..architectures import MlpSite, find_mlp_sites
+from ..capture import ActivationCapture, in_backward, is_activation
+from ..config import (SETPOINT_GRADIENTS, SETPOINT_SCHEDULES, DeftConfig, DeftConfigError, check_choice,
+                      check_dense_every, check_fraction, check_whole)
+from .zeroing import zero_at_or_below
+
+GRADIENTS = SETPOINT_GRADIENTS
+SCHEDULES = SETPOINT_SCHEDULES
+
+
+class SetpointWarning(UserWarning):
+    """The set-point's ramp is longer than the run: the set-point will not be reached."""
+
+
+class SparsitySetpoint:
+    """A sparsity set-point applied in the training forward at each selected MLP block's capture point.
+
+    model:      a plain or PEFT-wrapped HF model (or any module `find_mlp_sites` understands).
+    sparsity:   target fraction of zeroed activations per block, in [0, 1) (DeftConfig.sparsity_setpoint; the
+                adapters build it with `from_config` through DensityLossEngine).
+    ramp_steps: optimizer steps over which the sparsity rises from 0 to `sparsity` (0 = from the first step).
+    config:     which blocks and capture point (DeftConfig.layers, .modules, .capture); its loss settings are unused.
+    gradient:   "mask" (zeroed entries pass no gradient) or "ste" (straight-through estimator).
+    schedule:   "linear" (sparsity linear in the step) or "geometric" (kept share 1 - sparsity falls geometrically,
+                so more of the ramp is spent at high sparsity).
+    dense_every: every n-th optimizer step trains dense, without the mask (0 = never; 2 = alternate), so the
+                model also stays accurate without thresholds.
+    """
+
+    def __init__(self, model: nn.Module, sparsity: float, ramp_steps: int = 0, config: DeftConfig | None = None, *,
+                 gradient: str = "mask", schedule: str = "linear", dense_every: int = 0):
+        self.config = config if config is not None else DeftConfig()
+        if not isinstance(self.config, DeftConfig):
+            raise DeftConfigError(f"SparsitySetpoint needs a deft_common.DeftConfig, got {type(self.config).__name__}")
+        check_fraction("sparsity_setpoint", sparsity, fix="the fraction of MLP activations zeroed in training; use "
+                       "e.g. 0.99, or leave it unset for no set-point")
+        check_whole("setpoint_ramp_steps", ramp_steps, minimum=0,
+                    fix="0 = the set-point from the first step; use e.g. 60% of the run's optimizer steps")
+        check_choice("SparsitySetpoint: gradient", gradient, GRADIENTS)
+        check_choice("SparsitySetpoint: schedule", schedule, SCHEDULES)
+        check_dense_every("setpoint_dense_every", dense_every)
+        self.sparsity, self.ramp_steps = float(sparsity), int(ramp_steps)
+        self.dense_every = int(dense_every)
+        self.gradient, self.schedule = gradient, schedule
+        self.model = model
+        self.sites: list[MlpSite] = find_mlp_sites(model, self.config)  # raises when a capture point is missing
+        self.current_step = 0
+        self.last_thresholds: dict[str, float] = {}  # block name -> τ used in the latest training forward
+        self.last_density: dict[str, float] = {}  # block name -> kept share over real entries, latest forward
+        self._capture = ActivationCapture.of(model)
+        self._stage = self._capture.add("setpoint", self.sites, self.config.capture, self._masked,
+                                        read_masks_of=model)
+
+    @classmethod
+    def from_config(cls, model: nn.Module, config: DeftConfig) -> "SparsitySetpoint | None":
+        """The set-point DeftConfig.sparsity_setpoint asks for (its ramp, schedule and gradient), None when unset."""
+        if config.sparsity_setpoint is None:
+            return None
+        return cls(model, config.sparsity_setpoint, config.setpoint_ramp_steps, config,
+                   gradient=config.setpoint_gradient, schedule=config.setpoint_schedule,
+                   dense_every=config.setpoint_dense_every)
+
+    # ------------------------------------------------------------------ schedule
+    def at(self, step: int) -> float:
+        """The sparsity in force after `step` optimizer steps."""
+        if self.ramp_steps <= 0 or step >= self.ramp_steps:
+            return self.sparsity
+        progress = max(0, step) / self.ramp_steps
+        if self.schedule == "geometric":  # kept share (1 - s) goes 1 -> 1 - sparsity geometrically
+            return 1.0 - (1.0 - self.sparsity) ** progress
+        return self.sparsity * progress
+
+    @property
+    def current_sparsity(self) -> float:
+        return self.at(self.current_step)
+
+    def is_dense_step(self, step: int) -> bool:
+        """Whether the optimizer step after `step` steps done trains dense (dense_every: steps n-1, 2n-1, ...)."""
+        return self.dense_every > 0 and step % self.dense_every == self.dense_every - 1
+
+    def step(self, global_step: int | None = None) -> None:
+        """Call after each optimizer step with the number of optimizer steps done (or nothing: one more): moves the
+        ramp."""
+        self.current_step = self.current_step + 1 if global_step is None else int(global_step)
+
+    def check_ramp(self, total_steps: int) -> float:
+        """The sparsity reached at the end of a run of `total_steps` optimizer steps; warns (SetpointWarning)
+        when the ramp is longer than the run, as the set-point will then not be reached."""
+        reached = self.at(total_steps)
+        if self.ramp_steps > total_steps:
+            warnings.warn(
+                f"setpoint_ramp_steps={self.ramp_steps} is longer than the run ({total_steps} steps): the sparsity "
+                f"set-point {self.sparsity:g} will not be reached (the run ends at {reached:.4g}); use "
+                f"setpoint_ramp_steps <= {total_steps}, e.g. {int(0.6 * total_steps)}",
+                SetpointWarning, stacklevel=2)
+        return reached
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {"sparsity": self.sparsity, "ramp_steps": self.ramp_steps, "step": self.current_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue a run: the ramp resumes at the saved step."""
+        missing = {"sparsity", "ramp_steps", "step"} - set(state)
+        if missing:
+            raise ValueError(f"SparsitySetpoint.load_state_dict: the state lacks {sorted(missing)}; "
+                             "pass what SparsitySetpoint.state_dict() returned")
+        if (float(state["sparsity"]), int(state["ramp_steps"])) != (self.sparsity, self.ramp_steps):
+            raise ValueError(
+                f"SparsitySetpoint.load_state_dict: the state is of set-point {state['sparsity']} with ramp "
+                f"{state['ramp_steps']} steps, this one is {self.sparsity} with ramp {self.ramp_steps}; "
+                "resume with the settings the run started with")
+        self.current_step = int(state["step"])
+
+    # ------------------------------------------------------------------ the stage
+    def _masked(self, site: MlpSite, a):
+        module = site.capture_module(self.config.capture)
+        if not (module.training and torch.is_grad_enabled()):
+            return None  # eval, generate(), no-grad passes: the model is untouched
+        if not is_activation(a):
+            raise DeftConfigError(
+                f"sparsity set-point: the capture point of {site.name} (capture={self.config.capture!r}) gives "
+                f"{type(a).__name__}, not a floating-point tensor, so it cannot be masked; use the other capture "
+                "point or name a module whose output is the activation with DeftConfig(modules=...)")
+        sparsity = self.current_sparsity
+        if sparsity <= 0.0 or self.is_dense_step(self.current_step):
+            return None
+        return self._mask(site, a, sparsity)
+
+    def _mask(self, site: MlpSite, a: torch.Tensor, sparsity: float) -> torch.Tensor:
+        real = self._capture.real_rows(site, a)
+        flat = a.detach().abs().reshape(-1, a.shape[-1])
+        real_values = (flat if real is None else flat[real]).flatten().float()
+        k = int(sparsity * real_values.numel())
+        if k == 0:
+            return a
+        tau = real_values.kthvalue(k).values
+        masked = zero_at_or_below(a, tau)
+        if not in_backward():  # a gradient-checkpoint recompute: same τ, nothing recorded twice
+            self.last_thresholds[site.name] = float(tau)
+            kept = masked.detach().reshape(-1, a.shape[-1]) != 0
+            self.last_density[site.name] = float((kept if real is None else kept[real]).float().mean())
+        if self.gradient == "ste":
+            return a - (a - masked).detach()  # forward: masked; backward: the dense gradient
+        return masked
+
+    def remove(self) -> None:
+        """Remove the stage: the model computes exactly what it did before."""
+        self._stage.remove()
