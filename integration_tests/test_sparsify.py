@@ -44,6 +44,18 @@ def test_sparsify_writes_thresholds_and_reports_held_out_figures(tmp_path, capsy
     assert abs(sparse["density"] - 0.2) < 0.06
 
 
+def test_down_in_thresholds_are_measured_at_the_down_projection_input(tmp_path, capsys):
+    model_dir = save_model_dir("llama", tmp_path / "llama")
+    data = write_text_jsonl(tmp_path / "texts.jsonl", n=48)
+    result = _run_json(capsys, ["sparsify", str(model_dir), "--data", str(data), "--sparsity", "0.9",
+                                "--capture", "down_in", "--max-length", "32", "--json"])
+    for layer in result["layers"]:
+        assert abs(layer["held_out_density"] - 0.1) < 0.05, layer
+    measured = _run_json(capsys, ["density", str(model_dir), "--data", str(data), "--max-length", "32",
+                                  "--threshold", "0", "--thresholds", str(model_dir), "--json"])
+    assert abs(measured["density"] - 0.1) < 0.05
+
+
 def test_sparsify_bad_input(tmp_path, capsys):
     model_dir = save_model_dir("llama", tmp_path / "llama")
     data = write_text_jsonl(tmp_path / "texts.jsonl", n=8)

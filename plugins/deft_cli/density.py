@@ -31,11 +31,14 @@ def mean(layers: list[LayerDensity], field: str = "exact") -> float:
 
 
 @torch.no_grad()
-def measure_density(model, batches, threshold: float, on_outputs=None, body=None) -> list[LayerDensity]:
+def measure_density(model, batches, threshold: float, on_outputs=None, body=None, capture: str = "act"
+                    ) -> list[LayerDensity]:
     """Run `model` (eval mode, no gradient) on each batch and count the MLP activations of `body` (default: the
-    model itself; pass the transformer inside a wrapper to get its own layer names). `on_outputs(batch, outputs)`
-    is called per batch, e.g. to score accuracy in the same pass."""
-    tracker = DensityTracker(body if body is not None else model, DeftConfig(coef=0.0, threshold=threshold))
+    model itself; pass the transformer inside a wrapper to get its own layer names) at `capture`: measure thresholds
+    at the capture point they were calibrated at (SparsityThresholds.capture). `on_outputs(batch, outputs)` is
+    called per batch, e.g. to score accuracy in the same pass."""
+    config = DeftConfig(coef=0.0, threshold=threshold, capture=capture)
+    tracker = DensityTracker(body if body is not None else model, config)
     totals: dict[str, list[int]] = {}
     was_training = model.training
     model.eval()
@@ -187,8 +190,9 @@ def density_command(args) -> int:
     if args.thresholds:
         from deft_common import SparsityThresholds, apply_thresholds
 
-        with apply_thresholds(model, SparsityThresholds.load(args.thresholds)):
-            layers = measure_density(model, batches, args.threshold)
+        thresholds = SparsityThresholds.load(args.thresholds)
+        with apply_thresholds(model, thresholds):  # measured where the thresholds zero
+            layers = measure_density(model, batches, args.threshold, capture=thresholds.capture)
     else:
         layers = measure_density(model, batches, args.threshold)
     if args.json:

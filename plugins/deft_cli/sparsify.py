@@ -117,7 +117,8 @@ def sparsify_command(args) -> int:
     out = pathlib.Path(args.out or args.adapter or args.model)
     path = thresholds.save(out)
     with apply_thresholds(model, thresholds):
-        held_out = {d.layer: d.exact for d in measure_density(model, batches(texts[split:]), 0.0)}
+        held_out = {d.layer: d.exact for d in measure_density(model, batches(texts[split:]), 0.0,
+                                                                capture=thresholds.capture)}
     difference = held_out_difference(model, batches(texts[split:]), thresholds)
     layers = [{"layer": name, "threshold": tau, "calibrated_density": 1 - thresholds.calibrated[name],
                "held_out_density": held_out[name], "relative_error": difference["relative_error"][name]}
