@@ -13,6 +13,8 @@ from .density import add_density_command
 from .sparsify import add_sparsify_command
 from .processes import ending_children_on_sigterm, quiet_imports
 
+INTERRUPTED = 130  # the exit status of a command ended by Ctrl-C (128 + SIGINT), as shells report it
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -34,8 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    with quiet_imports(getattr(args, "model", None), getattr(args, "adapter", None)), ending_children_on_sigterm():
-        return args.handler(args)
+    try:
+        with quiet_imports(getattr(args, "model", None), getattr(args, "adapter", None)), ending_children_on_sigterm():
+            return args.handler(args)
+    except KeyboardInterrupt:
+        # Ctrl-C: one line, not a traceback; the training subprocess is already ended (in_subprocess).
+        print(f"deft {args.command}: interrupted", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@
   command marks them absent before anything imports peft (`quiet_imports`), and the training subprocesses do the
   same.
 - `deft demo` and `deft bench` train in spawned subprocesses (`in_subprocess`). A SIGTERM of the command
-  (`kill PID`) ends them first, then the command (`ending_children_on_sigterm`).
+  (`kill PID`) ends them first, then the command (`ending_children_on_sigterm`). A Ctrl-C (KeyboardInterrupt)
+  reaches the command only: the subprocess ignores SIGINT, and the command kills it before the KeyboardInterrupt
+  goes on. A subprocess whose command is gone however it ended (`kill -9` included, where nothing in the command
+  runs) ends itself: on Linux the kernel sends it SIGKILL (PR_SET_PDEATHSIG), elsewhere a thread in it notices.
 """
 
 from __future__ import annotations
@@ -21,10 +24,13 @@ import pathlib
 import signal
 import sys
 import threading
+import time
 
 QUANTISATION_PACKAGES = ("bitsandbytes", "torchao")  # needed only to load a quantised model
 UNUSED_PACKAGES = ("deepspeed",)  # no `deft` command trains with it
 _CHILD_EXIT_SECONDS = 5  # how long a SIGTERM waits for the training subprocesses before it kills them
+_PARENT_POLL_SECONDS = 0.5  # how often a subprocess checks that its command is still there (where no prctl)
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def is_quantised(model_dir) -> bool:
@@ -55,19 +61,94 @@ def quiet_imports(*model_dirs):
                 del sys.modules[package]
 
 
-def _start_child(absent: list[str]) -> None:
+def _kill_on_parent_death() -> bool:
+    """Linux: the kernel sends this process SIGKILL when its parent ends. Whether that could be arranged. (The
+    kernel's parent is the thread that started this process: in_subprocess's caller, which waits for it.)"""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _parent_gone(parent_pid: int) -> bool:
+    if os.name == "nt":  # getppid() keeps the creator's pid there; the parent's process handle tells
+        parent = multiprocessing.parent_process()
+        return parent is not None and not parent.is_alive()
+    return os.getppid() != parent_pid  # an orphan is adopted by another process
+
+
+def _end_when_parent_ends(parent_pid: int) -> None:
+    """Everywhere: a daemon thread ends this process once its parent is gone."""
+
+    def watch():
+        while not _parent_gone(parent_pid):
+            time.sleep(_PARENT_POLL_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="deft-parent-watch", daemon=True).start()
+
+
+def _start_child(absent: list[str], parent_pid: int) -> None:
+    """The subprocess's first code (the pool's initializer): it never outlives the command, leaves Ctrl-C to it,
+    and marks the packages absent that the command marks."""
+    # A Ctrl-C in a terminal reaches the whole process group; the command ends this process itself. SIGINT is
+    # blocked from before this process started (in_subprocess): ignored first, then unblocked, a pending one is lost.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    _kill_on_parent_death()
+    if _parent_gone(parent_pid):  # the parent ended before the prctl above: nobody waits for this process
+        os._exit(1)
+    _end_when_parent_ends(parent_pid)
     for package in absent:
         sys.modules.setdefault(package, None)
 
 
+@contextlib.contextmanager
+def _sigint_blocked():
+    """Within: SIGINT is held back from this thread, and a process it starts begins with SIGINT blocked (the mask
+    is inherited), so a Ctrl-C while it starts cannot interrupt its imports. A SIGINT that arrives meanwhile is
+    delivered to this process on exit."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _kill_workers(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+    workers = list((getattr(pool, "_processes", None) or {}).values())
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+    for worker in workers:
+        worker.join(_CHILD_EXIT_SECONDS)
+
+
 def in_subprocess(fn, *args):
     """fn(*args) in a fresh interpreter: its peak memory is its own, and runs cannot disturb each other. It imports
-    as quietly as this process (quiet_imports)."""
+    as quietly as this process (quiet_imports). The subprocess ends with this process however it ends, and a
+    KeyboardInterrupt here kills it before it goes on."""
     context = multiprocessing.get_context("spawn")
     absent = [p for p in UNUSED_PACKAGES + QUANTISATION_PACKAGES if p in sys.modules and sys.modules[p] is None]
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_start_child,
-                                                initargs=(absent,)) as pool:
-        return pool.submit(fn, *args).result()
+                                                initargs=(absent, os.getpid())) as pool:
+        try:
+            with _sigint_blocked():
+                future = pool.submit(fn, *args)  # starts the subprocess
+            return future.result()
+        except BaseException as err:
+            if not isinstance(err, Exception):  # KeyboardInterrupt, SystemExit: the subprocess may still run
+                _kill_workers(pool)
+            raise
 
 
 @contextlib.contextmanager
