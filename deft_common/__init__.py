@@ -21,7 +21,8 @@ from .errors import (DeftCheckpointingError, DeftConfigError, DeftError, DeftInp
                      DeftThresholdsError, SparseMlpError, ThresholdsFileNotFound)
 from .loss_hook import DensityLossHook
 from .sparsity import (THRESHOLDS_FILE, ActivationHistograms, SetpointWarning, SparsitySetpoint, SparsityThresholds,
-                       ThresholdsHandle, apply_thresholds, calibrate_thresholds, install_sparse_mlp,
+                       ThresholdsHandle, ThresholdsWarning, apply_thresholds, calibrate_thresholds,
+                       install_sparse_mlp,
                        measure_histograms, save_inference_thresholds)
 from .tracker import DensityTracker
 
@@ -53,6 +54,7 @@ __all__ = [
     "THRESHOLDS_FILE",
     "ThresholdsFileNotFound",
     "ThresholdsHandle",
+    "ThresholdsWarning",
     "__version__",
     "apply_ada_deft",
     "apply_thresholds",

@@ -56,6 +56,16 @@ def test_down_in_thresholds_are_measured_at_the_down_projection_input(tmp_path, 
     assert abs(measured["density"] - 0.1) < 0.05
 
 
+def test_sparsify_says_when_it_replaces_a_thresholds_file(tmp_path, capsys):
+    model_dir = save_model_dir("llama", tmp_path / "llama")
+    data = write_text_jsonl(tmp_path / "texts.jsonl", n=16)
+    argv = ["sparsify", str(model_dir), "--data", str(data), "--sparsity", "0.5", "--max-length", "16", "--json"]
+    _run_json(capsys, argv)
+    assert "replaced" not in capsys.readouterr().err
+    assert main(argv) == 0
+    assert f"replaced the deft_thresholds.json that was in {model_dir}; give --out DIR" in capsys.readouterr().err
+
+
 def test_sparsify_bad_input(tmp_path, capsys):
     model_dir = save_model_dir("llama", tmp_path / "llama")
     data = write_text_jsonl(tmp_path / "texts.jsonl", n=8)

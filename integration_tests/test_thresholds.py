@@ -8,7 +8,7 @@ import torch
 
 from core_reference import FAMILY_CAPTURES, ActivationRecorder, real_token_masks
 from deft_common import (DeftConfig, DeftConfigError, DeftInputError, DeftThresholdsError, SparsityThresholds,
-                         apply_thresholds, calibrate_thresholds, find_mlp_sites)
+                         ThresholdsWarning, apply_thresholds, calibrate_thresholds, find_mlp_sites)
 from fixtures import ENCODER_DECODER, ENCODER_ONLY, make_batch, make_model
 
 peft = pytest.importorskip("peft")
@@ -234,9 +234,73 @@ def test_missing_and_malformed_files(tmp_path):
     good = calibrate_thresholds(make_model("llama"), _batches("llama", [0]), sparsity=0.5).save(tmp_path)
     payload = json.loads(good.read_text())
     del payload["blocks"]["model.layers.0.mlp"]["threshold"]
+    del payload["checksum"]  # a file made by hand: no checksum
     path.write_text(json.dumps(payload))
     with pytest.raises(DeftThresholdsError, match="model.layers.0.mlp.*threshold"):
         SparsityThresholds.load(path)
+
+
+def _edited(tmp_path, edit, keep_checksum=False):
+    """A thresholds file of the llama fixture, changed by `edit(payload)` (and its checksum dropped, as a file
+    written by hand has none, unless keep_checksum)."""
+    path = calibrate_thresholds(make_model("llama"), _batches("llama", [0]), sparsity=0.5).save(tmp_path)
+    payload = json.loads(path.read_text())
+    edit(payload)
+    if not keep_checksum:
+        del payload["checksum"]
+    path.write_text(json.dumps(payload))
+    return path
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("threshold", float("inf"), "threshold inf, expected a finite number >= 0"),
+    ("threshold", -0.5, "threshold -0.5, expected a finite number >= 0"),
+    ("sparsity", 5, r"sparsity 5.0, expected a fraction in \[0, 1\)"),
+    ("calibrated", -3, r"calibrated -3.0, expected a fraction in \[0, 1\]"),
+    ("width", 0, "width 0, expected a whole number >= 1"),
+])
+def test_values_out_of_range_are_errors(tmp_path, field, value, match):
+    path = _edited(tmp_path, lambda p: p["blocks"]["model.layers.1.mlp"].__setitem__(field, value))
+    with pytest.raises(DeftThresholdsError, match=f"model.layers.1.mlp.*{match}"):
+        SparsityThresholds.load(path)
+
+
+def test_a_file_changed_after_it_was_written_is_an_error(tmp_path):
+    path = _edited(tmp_path, lambda p: p.__setitem__("capture", "down_in"), keep_checksum=True)
+    with pytest.raises(DeftThresholdsError, match="changed after it was written.*calibrate again"):
+        SparsityThresholds.load(path)
+    payload = json.loads(path.read_text())
+    del payload["checksum"]  # the fix the message gives: use the file as edited
+    path.write_text(json.dumps(payload))
+    assert SparsityThresholds.load(path).capture == "down_in"
+
+
+def test_thresholds_of_a_model_with_fewer_blocks_are_an_error(tmp_path):
+    import transformers
+
+    from fixtures import make_config
+
+    two_layers = calibrate_thresholds(make_model("llama"), _batches("llama", [0]), sparsity=0.5)
+    config = make_config("llama")
+    config.num_hidden_layers = 4  # same names for the first two blocks, same width
+    four_layers = transformers.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(DeftThresholdsError, match="calibrated on a model with 2 MLP blocks, but .* has 4"):
+        apply_thresholds(four_layers, SparsityThresholds.load(two_layers.save(tmp_path)))
+    # An older file (no model_blocks) that covers some blocks: applied to those, with a warning naming the rest.
+    old = _edited(tmp_path, lambda p: p.pop("model_blocks"))
+    with pytest.warns(ThresholdsWarning, match="cover 2 of the 4 MLP blocks.*2 stay dense"):
+        apply_thresholds(four_layers, SparsityThresholds.load(old)).remove()
+
+
+def test_blocks_chosen_at_calibration_apply_without_a_warning(tmp_path):
+    import warnings
+
+    model = make_model("llama")
+    th = calibrate_thresholds(model, _batches("llama", [0]), sparsity=0.5, config=DeftConfig(layers=[1]))
+    assert list(th.thresholds) == ["model.layers.1.mlp"] and th.model_blocks == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_thresholds(model, SparsityThresholds.load(th.save(tmp_path))).remove()
 
 
 def test_applying_twice_and_unknown_kernel():

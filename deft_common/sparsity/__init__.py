@@ -15,7 +15,7 @@ from .calibration import ActivationHistograms, calibrate_thresholds, measure_his
 from .masking import KERNELS, ThresholdsHandle, apply_thresholds
 from .setpoint import SetpointWarning, SparsitySetpoint
 from .sparse_mlp import SparseMlpHandle, install_sparse_mlp
-from .thresholds import THRESHOLDS_FILE, SparsityThresholds
+from .thresholds import THRESHOLDS_FILE, SparsityThresholds, ThresholdsWarning
 from .zeroing import zero_at_or_below
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "SparsitySetpoint",
     "SparsityThresholds",
     "ThresholdsHandle",
+    "ThresholdsWarning",
     "apply_thresholds",
     "calibrate_thresholds",
     "install_sparse_mlp",

@@ -35,8 +35,8 @@ NUM_BINS = (HIGHEST_OCTAVE - LOWEST_OCTAVE) * BINS_PER_OCTAVE
 class ActivationHistograms:
     """Per MLP block, a log2 histogram of |a| over real entries, and the count of exact zeros (bounded memory)."""
 
-    def __init__(self, names: list[str], capture: str):
-        self.capture = capture
+    def __init__(self, names: list[str], capture: str, model_blocks: int | None = None):
+        self.capture, self.model_blocks = capture, model_blocks
         self.bins = {name: torch.zeros(NUM_BINS, dtype=torch.float64) for name in names}
         self.zeros = {name: 0 for name in names}
         self.entries = {name: 0 for name in names}
@@ -90,7 +90,7 @@ class ActivationHistograms:
             thresholds[name], calibrated[name] = self.quantile(name, q)
         return SparsityThresholds(thresholds=thresholds, sparsity=wanted, calibrated=calibrated, capture=self.capture,
                                   tokens=max(self.entries[n] // self.widths[n] for n in wanted),
-                                  widths={n: self.widths[n] for n in wanted})
+                                  widths={n: self.widths[n] for n in wanted}, model_blocks=self.model_blocks)
 
 
 def calibrate_thresholds(model: nn.Module, batches: Iterable[Mapping], sparsity: float | Mapping[str, float] = 0.9,
@@ -137,7 +137,9 @@ def measure_histograms(model: nn.Module, batches: Iterable[Mapping], config: Def
     the same pass: `measure_histograms(model, batches, config).thresholds(0.9)`."""
     config = _checked_config(config)
     sites = find_mlp_sites(model, config)
-    histograms = ActivationHistograms([site.name for site in sites], config.capture)
+    # Every MLP block of the model, selected or not, so the file refuses a model with other blocks of the same names.
+    model_blocks = len(find_mlp_sites(model, capture=config.capture)) if config.modules is None else None
+    histograms = ActivationHistograms([site.name for site in sites], config.capture, model_blocks)
     capture = ActivationCapture.of(model)
 
     def observe(site: MlpSite, a) -> None:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import sys
 
 import torch
 
-from deft_common import DeftConfig, apply_thresholds, calibrate_thresholds, find_mlp_sites
+from deft_common import THRESHOLDS_FILE, DeftConfig, apply_thresholds, calibrate_thresholds, find_mlp_sites
 
 from .data import DeftDataError, read_jsonl, reports_errors
 from .density import load_model, measure_density, text_batches
@@ -115,7 +116,11 @@ def sparsify_command(args) -> int:
     batches = lambda part: text_batches(model, tokenizer, part, args.batch_size, args.max_length)
     thresholds = calibrate_thresholds(model, batches(texts[:split]), sparsity=args.sparsity, config=config)
     out = pathlib.Path(args.out or args.adapter or args.model)
+    replaced = (out / THRESHOLDS_FILE).is_file()
     path = thresholds.save(out)
+    if replaced:  # e.g. the file training wrote beside the adapter
+        print(f"deft sparsify: note: replaced the {THRESHOLDS_FILE} that was in {out}; give --out DIR to keep it",
+              file=sys.stderr)
     with apply_thresholds(model, thresholds):
         held_out = {d.layer: d.exact for d in measure_density(model, batches(texts[split:]), 0.0,
                                                                 capture=thresholds.capture)}
