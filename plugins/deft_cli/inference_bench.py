@@ -22,16 +22,13 @@ from __future__ import annotations
 import contextlib
 import json
 import pathlib
-import platform
-import statistics
-import time
 
 import torch
 from torch import nn
 
-from deft_common import DeftConfig, find_mlp_sites
-from deft_common.sparse_mlp import install_sparse_mlp
-from deft_common.thresholds import apply_thresholds, measure_histograms
+from deft_common import DeftConfig, apply_thresholds, find_mlp_sites, install_sparse_mlp, measure_histograms
+
+from .measure import cpu_name, interleaved, median, timed
 
 DENSITIES = (0.5, 0.3, 0.2, 0.1, 0.05)
 MLP_SHAPES = {False: {"gated": (4096, 11008), "plain": (768, 3072)}, True: {"gated": (256, 688), "plain": (64, 256)}}
@@ -46,35 +43,19 @@ MLP_TIMED_SECONDS = 0.05  # each mlp timing calls the block this long at least (
 
 
 # ------------------------------------------------------------------------------------------------ timing
-def _seconds(fn, calls: int = 1) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls
-
-
-def _interleaved(run, sparse_on, rounds: int, calls: int = 1, warm: bool = False) -> tuple[float, float]:
+def dense_and_sparse(run, sparse_on, rounds: int, calls: int = 1, warm: bool = False) -> tuple[float, float]:
     """(median dense seconds, median sparse seconds): each round times `run` as it is and inside the context
-    `sparse_on()`, dense first in even rounds and sparse first in odd ones (so neither always runs on the caches
-    the other left); round 0 is a warm-up. warm=True: one untimed call inside the context first (one-off work
-    such as the transposed down-projection copy stays outside the timing)."""
-    dense_s, sparse_s = [], []
-
+    `sparse_on()`, interleaved (deft_cli.measure: the order alternating, round 0 a warm-up). warm=True: one
+    untimed call inside the context first (one-off work such as the transposed down-projection copy stays outside
+    the timing)."""
     def sparse():
         with sparse_on():
             if warm:
                 run()
-            return _seconds(run, calls)
+            return timed(run, calls=calls)
 
-    for r in range(rounds + 1):
-        if r % 2:
-            s, d = sparse(), _seconds(run, calls)
-        else:
-            d, s = _seconds(run, calls), sparse()
-        if r:
-            dense_s.append(d)
-            sparse_s.append(s)
-    return statistics.median(dense_s), statistics.median(sparse_s)
+    times = interleaved({"dense": lambda: timed(run, calls=calls), "sparse": sparse}, rounds)
+    return median(times["dense"]), median(times["sparse"])
 
 
 # ---------------------------------------------------------------------------------------------- mlp rows
@@ -123,7 +104,9 @@ def mlp_limit(gated: bool, density: float) -> float:
     return 3.0 / (1.0 + 2.0 * density) if gated else 2.0 / (1.0 + density)
 
 
-def _mlp_rows(tiny: bool, dtypes, densities, rounds: int, **rule) -> list[dict]:
+def mlp_rows(tiny: bool, dtypes, densities, rounds: int, **rule) -> list[dict]:
+    """The `mlp` section: per block shape, dtype and density, dense vs sparse. `rule`: install_sparse_mlp's
+    fallback rule (e.g. max_active_fraction=1.0 forces the sparse path)."""
     rows = []
     torch.manual_seed(0)
     for kind, (hidden, intermediate) in MLP_SHAPES[tiny].items():
@@ -133,11 +116,11 @@ def _mlp_rows(tiny: bool, dtypes, densities, rounds: int, **rule) -> list[dict]:
             site = find_mlp_sites(block, DeftConfig(capture="act"))[0]
             x = torch.randn(1, 1, hidden, generator=torch.Generator().manual_seed(2)).to(dtype)
             run = _no_grad(lambda: block(x))
-            calls = 20 if tiny else max(3, round(MLP_TIMED_SECONDS / _seconds(run, 3)))  # small blocks: more calls
+            calls = 20 if tiny else max(3, round(MLP_TIMED_SECONDS / timed(run, calls=3)))  # small blocks: more calls
             for density in densities:
                 tau = _tau_for_density(block, site, density, dtype)
                 sparse_on = lambda: _sparse_block(block, site, tau, {"calibrated_density": density, **rule})
-                dense_s, sparse_s = _interleaved(run, sparse_on, rounds, calls, warm=True)
+                dense_s, sparse_s = dense_and_sparse(run, sparse_on, rounds, calls, warm=True)
                 speedup = dense_s / sparse_s
                 limit = mlp_limit(gated, density)
                 rows.append({"shape": f"{hidden}->{intermediate}", "gated": gated, "dtype": str(dtype).split(".")[-1],
@@ -208,7 +191,7 @@ def _decode_rows(tiny: bool, densities, rounds: int) -> list[dict]:
     rows = []
     for density in densities:
         th = histograms.thresholds(1.0 - density)
-        dense_s, sparse_s = _interleaved(generate, lambda: apply_thresholds(model, th, kernel="sparse"), rounds)
+        dense_s, sparse_s = dense_and_sparse(generate, lambda: apply_thresholds(model, th, kernel="sparse"), rounds)
         dense_tps, sparse_tps = new / dense_s, new / sparse_s
         rows.append({"density": density, "calibrated_density": round(th.mean_calibrated_density(), 4),
                      "dense_tokens_per_s": round(dense_tps, 3), "sparse_tokens_per_s": round(sparse_tps, 3),
@@ -235,7 +218,7 @@ def _encoder_row(tiny: bool, rounds: int) -> dict:
         .thresholds(ENCODER_SPARSITY)
     x = inputs(batch)
     forward = _no_grad(lambda: model(**x))
-    dense_s, sparse_s = _interleaved(forward, lambda: apply_thresholds(model, th, kernel="sparse"), rounds)
+    dense_s, sparse_s = dense_and_sparse(forward, lambda: apply_thresholds(model, th, kernel="sparse"), rounds)
     dense_ms, sparse_ms = dense_s * 1e3, sparse_s * 1e3
     return {"model": folder.parent.name if folder.name == "model" else folder.name, "batch": batch,
             "tokens": length, "sparsity": ENCODER_SPARSITY, "dense_ms": round(dense_ms, 3),
@@ -252,16 +235,6 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def _cpu_name() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def run_inference_bench(out_dir, tiny: bool = False, rounds: int | None = None, densities=DENSITIES,
                         dtypes=None, sections=("mlp", "decode", "encoder")) -> dict:
     """Measure the `mlp`, `decode` and `encoder` sections (module docstring), write OUT_DIR/inference.json and
@@ -270,9 +243,9 @@ def run_inference_bench(out_dir, tiny: bool = False, rounds: int | None = None, 
     if dtypes is None:
         dtypes = [torch.float32] + ([torch.bfloat16] if (tiny or cpu_has_bf16()) else [])
     rounds = rounds or (3 if tiny else 9)
-    results = {"threads": torch.get_num_threads(), "cpu": _cpu_name(), "torch": torch.__version__, "tiny": tiny}
+    results = {"threads": torch.get_num_threads(), "cpu": cpu_name(), "torch": torch.__version__, "tiny": tiny}
     if "mlp" in sections:
-        results["mlp"] = _mlp_rows(tiny, dtypes, densities, rounds)
+        results["mlp"] = mlp_rows(tiny, dtypes, densities, rounds)
     if "decode" in sections:
         results["decode"] = _decode_rows(tiny, densities, max(1, rounds // 3))
     if "encoder" in sections:
@@ -281,12 +254,6 @@ def run_inference_bench(out_dir, tiny: bool = False, rounds: int | None = None, 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "inference.json").write_text(json.dumps(results, indent=1) + "\n")
     return results
-
-
-def measure_crossover(densities=(0.2, 0.3, 0.5, 0.7, 0.9), rounds: int = 7, backend="auto"):
-    """The sparse path forced on (max_active_fraction=1) at each density: the rows where speedup crosses 1 set
-    deft_common.sparse_mlp.MAX_ACTIVE_FRACTION."""
-    return _mlp_rows(False, [torch.float32], densities, rounds, max_active_fraction=1.0, backend=backend)
 
 
 def format_inference_report(results: dict) -> str:
@@ -312,19 +279,3 @@ def format_inference_report(results: dict) -> str:
                       f"dense {e['dense_ms']:.1f} ms, sparse {e['sparse_ms']:.1f} ms, speedup {e['speedup']:.2f}"]
     return "\n".join(lines)
 
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="inference_bench")
-    parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--sections", default="mlp,decode,encoder")
-    parser.add_argument("--crossover", action="store_true", help="measure the fallback rule's crossover instead")
-    args = parser.parse_args()
-    if args.crossover:
-        for row in measure_crossover():
-            print(row)
-    else:
-        print(format_inference_report(run_inference_bench(args.out, tiny=args.tiny,
-                                                          sections=tuple(args.sections.split(",")))))

@@ -1,4 +1,8 @@
-"""Time and memory measurements shared by `deft demo --adaptive` and `deft bench`, the same on CPU and CUDA.
+"""Time and memory measurements shared by `deft demo --adaptive`, `deft bench` (and `--inference`) and benchmarks/,
+the same on CPU and CUDA.
+
+Time: `timed` (seconds per call, the device's queued work included); `interleaved` takes turns between several
+things to time, round after round, the order rotating (`rotated`), so machine noise and caches hit them alike.
 
 Memory is what torch's allocator holds, not the process size, so Python, libraries and other models living in the
 same process do not blur it:
@@ -10,6 +14,8 @@ Either way the peak *increase* during the call is added to the bytes the measure
 
 from __future__ import annotations
 
+import pathlib
+import platform
 import random
 import statistics
 import time
@@ -33,13 +39,45 @@ def synchronize(device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, device) -> float:
-    """Seconds `fn()` takes, the device's queued work included."""
+def timed(fn, device="cpu", calls: int = 1) -> float:
+    """Seconds `fn()` takes (the mean over `calls` calls in a row), the device's queued work included."""
     synchronize(device)
     start = time.perf_counter()
-    fn()
+    for _ in range(calls):
+        fn()
     synchronize(device)
-    return time.perf_counter() - start
+    return (time.perf_counter() - start) / calls
+
+
+def rotated(items: list, turn: int) -> list:
+    """`items` starting at position turn (mod its length): who goes first changes from turn to turn."""
+    turn %= len(items)
+    return items[turn:] + items[:turn]
+
+
+def interleaved(timers: dict, rounds: int) -> dict[str, list[float]]:
+    """{name: [seconds per round]}: each round calls every timer (a function returning the seconds it measured)
+    once, back to back, in rotated order (so none always runs on the caches another left); round 0 is a warm-up
+    (lazy inits, allocator, caches) and is dropped."""
+    names = list(timers)
+    times = {name: [] for name in names}
+    for r in range(rounds + 1):
+        for name in rotated(names, r):
+            seconds = timers[name]()
+            if r:
+                times[name].append(seconds)
+    return times
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform says."""
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def peak_increase_bytes(fn, device) -> int:
@@ -90,18 +128,15 @@ def paired_ratio(ours, reference, resamples: int = 2000) -> tuple[float, float, 
 @torch.inference_mode()
 def compare_inference(models: dict, batches: list[dict], device, rounds: int = 5) -> dict:
     """Forward-only runtime and memory of each model on the same `batches` (labels dropped). The models take
-    turns within every round (after one warm-up pass each), so machine noise hits them alike; runtime = median
-    over rounds of the time for all batches; memory = resident bytes + peak increase over the largest batch."""
+    turns within every round (`interleaved`, after a warm-up round), so machine noise hits them alike; runtime =
+    median over rounds of the time for all batches; memory = resident bytes + peak increase over the largest
+    batch."""
     inputs = [{k: v for k, v in b.items() if k != "labels"} for b in batches]
     run = lambda model: [model(**x) for x in inputs]
     for model in models.values():
         model.eval()
-        run(model)  # warm-up: lazy inits, allocator, caches
-    times = {name: [] for name in models}
-    names = list(models)
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            times[name].append(timed(lambda: run(models[name]), device))
+    times = interleaved({name: (lambda model=model: timed(lambda: run(model), device)) for name, model in models.items()},
+                        rounds)
     largest = max(inputs, key=lambda x: x["input_ids"].numel())
     out = {}
     for name, model in models.items():

