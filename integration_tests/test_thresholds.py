@@ -221,6 +221,14 @@ def test_capture_point_the_model_lacks():
         apply_thresholds(model, th)
 
 
+def test_one_batch_instead_of_an_iterable_of_batches_is_a_clear_error():
+    model = make_model("llama")
+    with pytest.raises(DeftInputError, match=r"wants an iterable of batches .*got one batch \(a dict\).*\[batch\]"):
+        calibrate_thresholds(model, make_batch("llama"), sparsity=0.5)
+    with pytest.raises(DeftInputError, match="got Tensor"):
+        calibrate_thresholds(model, make_batch("llama")["input_ids"], sparsity=0.5)
+
+
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="deft_thresholds.json"):
         SparsityThresholds.load(tmp_path)

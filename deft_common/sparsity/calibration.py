@@ -136,6 +136,10 @@ def measure_histograms(model: nn.Module, batches: Iterable[Mapping], config: Def
     """One calibration pass (see calibrate_thresholds), kept so that thresholds for several sparsities come from
     the same pass: `measure_histograms(model, batches, config).thresholds(0.9)`."""
     config = _checked_config(config)
+    if isinstance(batches, Mapping) or not isinstance(batches, Iterable):
+        what = "one batch (a dict)" if isinstance(batches, Mapping) else type(batches).__name__
+        raise DeftInputError(f"calibration wants an iterable of batches (model-input dicts), got {what}; pass a list "
+                             "of batches, e.g. [batch], or a DataLoader")
     sites = find_mlp_sites(model, config)
     # Every MLP block of the model, selected or not, so the file refuses a model with other blocks of the same names.
     model_blocks = len(find_mlp_sites(model, capture=config.capture)) if config.modules is None else None
