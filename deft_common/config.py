@@ -63,7 +63,7 @@ class DeftConfig:
     controller_gain: float = field(default=0.2, metadata={"help": (
         'how fast the target-density controller moves the weight: coef += gain × (density − target) + damping '
         '× (density − previous density) per optimizer step.'
-    )})  # gain and damping: measured on the demo job (docs/demo_tuning, sweep 4)
+    )})  # gain and damping: measured on the demo job (benchmarks/past, sweep 4)
     controller_damping: float = field(default=10.0, metadata={"help": (
         'how much the controller holds the weight back while the density is falling (0 = plain dual ascent).'
     )})
