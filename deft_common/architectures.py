@@ -6,7 +6,10 @@ That one rule covers Llama, Mistral, Qwen2, Gemma, Phi, Phi-3, GPT-2, OPT and T5
 keeps working for fused MLPs such as Liger's (no activation module, but a down-projection). BERT and RoBERTa
 split their MLP over two sibling modules (`intermediate` and `output.dense`) and get one extra rule.
 
-Names are module paths relative to the base model, so they are the same with or without a PEFT wrapper.
+Names are module paths relative to the base model, so they are the same with or without a PEFT wrapper, and
+without the segments that wrappers insert (FSDP1's `_fsdp_wrapped_module`, activation checkpointing's
+`_checkpoint_wrapped_module`, torch.compile's `_orig_mod`): metric keys and deft_thresholds.json name the blocks of
+the plain model, whatever wrapped it in training.
 """
 
 from __future__ import annotations
@@ -38,12 +41,28 @@ class MlpSite:
         return self.act if capture == "act" else self.down
 
 
+# Attributes through which a wrapper holds the module it wraps; their names never appear in DEFT's block names.
+WRAPPER_ATTRS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
 def base_model_of(model: nn.Module) -> nn.Module:
-    """The model under a PEFT wrapper (and under DDP/DeepSpeed `.module` wrappers), else the model itself."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module) and not _has_own_params(model):
-        model = model.module
+    """The model under a PEFT wrapper (and under DDP/DeepSpeed `.module`, FSDP1, checkpoint and torch.compile
+    wrappers), else the model itself."""
+    while True:
+        inner = next((getattr(model, a) for a in WRAPPER_ATTRS if isinstance(getattr(model, a, None), nn.Module)), None)
+        if inner is None and isinstance(getattr(model, "module", None), nn.Module) and not _has_own_params(model):
+            inner = model.module
+        if inner is None:
+            break
+        model = inner
     get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
+    return base_model_of(get_base()) if callable(get_base) else model
+
+
+def block_name(path: str) -> str:
+    """A module path without the segments wrappers insert (`layers.0._checkpoint_wrapped_module.mlp` ->
+    `layers.0.mlp`)."""
+    return ".".join(part for part in path.split(".") if part not in WRAPPER_ATTRS)
 
 
 def device_of(model: nn.Module) -> torch.device:
@@ -165,9 +184,10 @@ def find_mlp_sites(model: nn.Module, config: DeftConfig | None = None, *, captur
         sites = _sites_from_patterns(base, config.modules)
     else:
         sites = []
-        for name, module in base.named_modules():
-            if any(name.startswith(found.name + ".") for found in sites):
-                continue  # never look for an MLP inside an MLP (LoRA wrappers, nested projections)
+        for path, module in base.named_modules():
+            name = block_name(path)
+            if any(name == found.name or name.startswith(found.name + ".") for found in sites):
+                continue  # never look for an MLP inside an MLP (LoRA wrappers, nested projections, wrappers)
             site = _as_site(name, module)
             if site is not None:
                 sites.append(site)
@@ -194,8 +214,9 @@ def find_mlp_sites(model: nn.Module, config: DeftConfig | None = None, *, captur
 
 def _sites_from_patterns(base: nn.Module, patterns: list[str]) -> list[MlpSite]:
     sites = []
-    for name, module in base.named_modules():
-        if name and any(re.search(p, name) for p in patterns):
+    for path, module in base.named_modules():
+        name = block_name(path)
+        if name and any(re.search(p, name) for p in patterns) and name not in [s.name for s in sites]:
             sites.append(MlpSite(name, _stack_of(name), module, module))
     if not sites:
         raise DeftConfigError(
