@@ -13,16 +13,15 @@ from .architectures import MlpSite, base_model_of, down_projection, find_mlp_sit
 from .block_skip import SkipReport, apply_ada_deft, budget_to_count, choose_blocks_to_skip, skip_mlp_blocks
 from .capture import ActivationCapture
 from .checkpointing import make_checkpointing_non_reentrant, uses_reentrant_checkpointing
+from .coef_schedule import CoefSchedule, DensitySums
 from .config import DeftConfig
 from .controller import DensityController
-from .density_weight import DensitySums, DensityWeight
-from .loss_engine import DensityLossEngine
 from .errors import (DeftCheckpointingError, DeftConfigError, DeftError, DeftInputError, DeftLossError,
                      DeftThresholdsError, SparseMlpError, ThresholdsFileNotFound)
+from .loss_engine import DensityLossEngine
 from .loss_hook import DensityLossHook
 from .sparsity import (THRESHOLDS_FILE, ActivationHistograms, SetpointWarning, SparsitySetpoint, SparsityThresholds,
-                       ThresholdsHandle, ThresholdsWarning, apply_thresholds, calibrate_thresholds,
-                       install_sparse_mlp,
+                       ThresholdsHandle, ThresholdsWarning, apply_thresholds, calibrate_thresholds, install_sparse_mlp,
                        measure_histograms, save_inference_thresholds)
 from .tracker import DensityTracker
 
@@ -32,6 +31,7 @@ __all__ = [
     "ActivationCapture",
     "ActivationHistograms",
     "AdaptiveLayerWeights",
+    "CoefSchedule",
     "DeftCheckpointingError",
     "DeftConfig",
     "DeftConfigError",
@@ -44,7 +44,6 @@ __all__ = [
     "DensityLossHook",
     "DensitySums",
     "DensityTracker",
-    "DensityWeight",
     "MlpSite",
     "SetpointWarning",
     "SkipReport",

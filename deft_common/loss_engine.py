@@ -1,9 +1,9 @@
 """`DensityLossEngine`: the density term of each training forward, in one place for every adapter.
 
 It owns the DensityTracker on the model, the sparsity set-point (DeftConfig.sparsity_setpoint: the training
-forward keeps only each MLP block's largest activations, deft_common.sparsity.setpoint), the weight of each optimizer step
-(DensityWeight: fixed coef, warm-up, or the target-density controller), and the metrics windows (DensitySums, one
-for training and one for evaluation forwards). A training forward is
+forward keeps only each MLP block's largest activations, deft_common.sparsity.setpoint), the coefficient of each
+optimizer step (CoefSchedule: fixed coef, warm-up, or the target-density controller), and the metrics windows
+(DensitySums, one for training and one for evaluation forwards). A training forward is
 
     with engine.recording(batch, step):          # the tracker records the MLP activations, masked to real tokens
         outputs = model(**batch)
@@ -25,7 +25,7 @@ from torch import nn
 
 from .architectures import device_of
 from .config import DeftConfig
-from .density_weight import DensitySums, DensityWeight
+from .coef_schedule import DensitySums, CoefSchedule
 from .sparsity.setpoint import SparsitySetpoint
 from .tracker import DensityTracker
 
@@ -33,8 +33,8 @@ MODES = ("train", "eval")
 
 
 class DensityLossEngine:
-    """One per training run. Attributes: tracker (the DensityTracker), config (its DeftConfig), weight (the
-    DensityWeight; `weight.controller` with target_density), device (where collectives run when this process
+    """One per training run. Attributes: tracker (the DensityTracker), config (its DeftConfig), coef_schedule (the
+    CoefSchedule; `coef_schedule.controller` with target_density), device (where collectives run when this process
     recorded nothing)."""
 
     def __init__(self, model: nn.Module, config: DeftConfig | None = None, device: torch.device | str | None = None):
@@ -45,7 +45,7 @@ class DensityLossEngine:
         self.tracker = DensityTracker(model, config)
         self.config = self.tracker.config
         self.device = torch.device(device) if device is not None else device_of(model)
-        self.weight = DensityWeight(self.config, len(self.tracker.sites), self.device)
+        self.coef_schedule = CoefSchedule(self.config, len(self.tracker.sites), self.device)
         self.coef: float | None = None  # the weight of the last term
         self._windows: dict[str, DensitySums | None] = dict.fromkeys(MODES)
 
@@ -78,9 +78,9 @@ class DensityLossEngine:
     def term(self, step: int) -> torch.Tensor:
         """The density term of the training forward just recorded, coef × density loss, with coef the weight of
         optimizer step `step`; its density goes to the weight (the controller) and to the training window."""
-        self.coef = self.weight.coef(step)
+        self.coef = self.coef_schedule.coef(step)
         term = self.coef * self.tracker.density_loss()
-        self.weight.observe(self.tracker)
+        self.coef_schedule.observe(self.tracker)
         self._window("train").add(self.tracker, term)
         return term
 
@@ -90,8 +90,8 @@ class DensityLossEngine:
 
     def end_step(self) -> None:
         """The optimizer step is over: feed the controller its density now rather than at the next step's first
-        forward (to log where it stands). A collective under torch.distributed (DensityWeight.end_step)."""
-        self.weight.end_step()
+        forward (to log where it stands). A collective under torch.distributed (CoefSchedule.end_step)."""
+        self.coef_schedule.end_step()
 
     # ------------------------------------------------------------------------------------------ metrics
     def pop_metrics(self, mode: str = "train", prefix: str = "", per_block: bool = True) -> dict[str, float]:
@@ -123,7 +123,7 @@ class DensityLossEngine:
         if totals.term is not None:
             out[f"{prefix}deft/loss"] = totals.term
         if mode == "train":
-            out.update(self.weight.log())
+            out.update(self.coef_schedule.log())
             if self.setpoint is not None:
                 out["deft/sparsity_setpoint"] = self.setpoint.current_sparsity
             if self.tracker.adaptive is not None:

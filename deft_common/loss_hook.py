@@ -7,7 +7,7 @@ enabled, and a forward hook that stops recording and returns the outputs with
     loss = task loss + term_scale * coef * density loss
 
 where coef is `config.coef_at(global_step)`, or with `DeftConfig.target_density` the weight of the target-density
-controller, fed once per optimizer step with the step's mean density (deft_common.density_weight).
+controller, fed once per optimizer step with the step's mean density (deft_common.coef_schedule).
 
 Whatever calls the model and optimises `outputs.loss` (a raw loop, a DeepSpeed engine, DDP, the HF Trainer)
 then optimises the DEFT loss without knowing about it; wrappers call `module(...)`, so the hooks fire inside them.
@@ -30,7 +30,7 @@ from torch import nn
 
 from .capture import forward_arguments
 from .config import DeftConfig
-from .density_weight import DensityWeight
+from .coef_schedule import CoefSchedule
 from .errors import DeftLossError
 from .loss_engine import DensityLossEngine
 from .tracker import DensityTracker
@@ -48,8 +48,8 @@ class DensityLossHook:
     global_step:  optimizer steps done; the caller advances it after each optimizer step when it uses
                   DeftConfig.coef_warmup_steps or DeftConfig.target_density (the controller is fed the density of
                   a step when global_step moves past it; a loop that never advances it never changes the weight).
-    weight:       the DensityWeight that gives coef (config.coef_at(global_step), or the target-density
-                  controller's weight, `weight.controller`).
+    coef_schedule: the CoefSchedule that gives coef (config.coef_at(global_step), or the target-density
+                  controller's weight, `coef_schedule.controller`).
     term_scale:   optional `f(forward kwargs) -> float`, a factor on the term that undoes how the caller scales the
                   loss afterwards (e.g. the HF Trainer's num_items_in_batch normalisation); default 1.
     measure_eval: also record evaluation forwards (module in eval mode, `labels` given), which only measure
@@ -109,7 +109,7 @@ class DensityLossHook:
             return None
         term = self.engine.term(self.global_step)
         scale = 1.0 if self.term_scale is None else float(self.term_scale(kwargs))
-        if self.weight.measures_only or scale == 0:
+        if self.coef_schedule.measures_only or scale == 0:
             return None  # measuring only (coef=0): outputs as the model made them
         loss = _loss_of(outputs)
         if loss is None:
@@ -132,8 +132,8 @@ class DensityLossHook:
         return self.engine.tracker
 
     @property
-    def weight(self) -> DensityWeight:
-        return self.engine.weight
+    def coef_schedule(self) -> CoefSchedule:
+        return self.engine.coef_schedule
 
     # ------------------------------------------------------ steps for subclasses
     def _adding(self, added: torch.Tensor) -> None:

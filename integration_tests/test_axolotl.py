@@ -448,7 +448,7 @@ def test_target_density_in_the_deft_block_steers_the_axolotl_trainer(work, built
         density = steered.deft_tracker.mean_density()
         steered.state.global_step = 1  # the next optimizer step: the controller has seen step 0's density
         loss = float(steered.training_step(model, dict(batch)))
-        assert steered.deft_weight.controller.coef == pytest.approx(0.2 * (density - 0.5))
+        assert steered.deft_coef_schedule.controller.coef == pytest.approx(0.2 * (density - 0.5))
         assert loss > task_loss  # now the density term is in the loss
     finally:
         steered.deft_tracker.remove()

@@ -83,10 +83,10 @@ def test_rejects_a_density_that_is_no_fraction():
 
 
 def test_density_weight_state_refuses_a_different_config():
-    from deft_common import DensityWeight
+    from deft_common import CoefSchedule
 
-    with_target = DensityWeight(DeftConfig(target_density=0.3), layers=2)
-    without = DensityWeight(DeftConfig(), layers=2)
+    with_target = CoefSchedule(DeftConfig(target_density=0.3), layers=2)
+    without = CoefSchedule(DeftConfig(), layers=2)
     assert without.state_dict() == {}
     without.load_state_dict({})  # nothing to restore for a fixed weight
     with pytest.raises(DeftConfigError, match="target_density"):

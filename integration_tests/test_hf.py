@@ -166,7 +166,7 @@ def test_target_density_steers_the_weight_once_per_optimizer_step(tmp_path):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_resuming_from_a_checkpoint_continues_the_controller_and_the_ada_deft_weights(kind, tmp_path):
+def test_resuming_from_a_checkpoint_continues_the_controller_and_the_ada_deft_coef_schedules(kind, tmp_path):
     """train(resume_from_checkpoint=...) ends where the uninterrupted run ends: the controller's weight and the
     ADA-DEFT weights come back from the checkpoint (a PEFT checkpoint alone would restart both)."""
     config = DeftConfig(target_density=0.05, controller_gain=1.0, adaptive=True)
@@ -178,7 +178,7 @@ def test_resuming_from_a_checkpoint_continues_the_controller_and_the_ada_deft_we
                                 per_device_train_batch_size=2, gradient_accumulation_steps=2, output_dir=str(out),
                                 save_strategy="steps", save_steps=2)
         trainer.train(**train_kwargs)
-        weight = trainer.deft_weight if kind == "mixin" else trainer.callback_handler.callbacks[0].hook.weight
+        weight = trainer.deft_coef_schedule if kind == "mixin" else trainer.callback_handler.callbacks[0].hook.coef_schedule
         return weight.controller.coef, layer_weights(model).logits.detach().clone(), train_logs(trainer)
 
     coef, logits, logs = run(tmp_path / "whole")
@@ -206,7 +206,7 @@ def test_target_density_above_the_density_keeps_the_weight_at_zero(kind, tmp_pat
 
 # ----------------------------------------------------------------------------------------- ADA-DEFT
 @pytest.mark.parametrize("kind", KINDS)
-def test_ada_deft_weights_train_are_logged_and_saved_with_every_checkpoint(kind, tmp_path):
+def test_ada_deft_coef_schedules_train_are_logged_and_saved_with_every_checkpoint(kind, tmp_path):
     from peft import PeftModel
 
     model = lora_model(make_model("llama"))

@@ -143,7 +143,7 @@ def test_target_density_feeds_the_controller_once_per_step_of_global_step():
     for before, after, density_loss in zip(metrics, metrics[1:], density_losses[1:]):
         assert after["deft/coef"] > before["deft/coef"]
         assert after["deft/loss"] == pytest.approx(after["deft/coef"] * density_loss, rel=1e-5)
-    assert hook.weight.controller.steps == 2  # the last step's density feeds the next step, if any
+    assert hook.coef_schedule.controller.steps == 2  # the last step's density feeds the next step, if any
 
 
 def test_deepspeed_hook_with_target_density_outside_an_engine_is_a_clear_error():

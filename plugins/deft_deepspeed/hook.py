@@ -76,7 +76,7 @@ class DeftLossHook(DensityLossHook):
         self._engine_ref = None if engine is None else weakref.ref(engine)
         if engine is not None:
             self.global_step = engine.global_steps
-        elif self.weight.controller is not None:
+        elif self.coef_schedule.controller is not None:
             raise DeftConfigError(
                 f"DeftLossHook with target_density={self.config.target_density} follows the optimizer steps of the "
                 "DeepSpeed engine (engine.global_steps), but this training forward was not called by an engine; "

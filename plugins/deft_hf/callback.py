@@ -61,7 +61,7 @@ class DeftCallback(TrainerCallback):
     """`Trainer(..., callbacks=[DeftCallback(DeftConfig(...))])`.
 
     Attributes: config (the DeftConfig), hook (the DensityLossHook on trainer.model, kept for evaluations after
-    training; `hook.weight` gives the density weight and its controller), tracker (its DensityTracker), trainer
+    training; `hook.coef_schedule` gives the density weight and its controller), tracker (its DensityTracker), trainer
     (the Trainer it serves), metrics (DeftMetrics). `remove()` takes every hook off.
     Like DeftTrainerMixin it sets `trainer.model_accepts_loss_kwargs = False` for models that return a per-batch
     mean loss although they take **kwargs (T5, sequence classification), see trainer_support.py.
@@ -150,7 +150,7 @@ class DeftCallback(TrainerCallback):
             callbacks.remove(self)
             callbacks.insert(0, self)
         if self._resume is None or self._resume.trainer is not trainer:
-            self._resume = TrainerResumeState(trainer, lambda: self.hook.weight)
+            self._resume = TrainerResumeState(trainer, lambda: self.hook.coef_schedule)
         saves_files = self.config.adaptive or self.config.thresholds_sparsity is not None
         if saves_files and not hasattr(trainer.save_model, "deft_saves_files"):
             trainer.save_model = _saving_deft_files(trainer, self)

@@ -11,7 +11,7 @@
 Each training micro-batch: loss = task loss + coef × density loss (scaled for gradient accumulation the way the
 Trainer scales the task loss, see trainer_support.py). coef is DeftConfig.coef_at(state.global_step), or with
 DeftConfig.target_density the target-density controller's weight, fed once per optimizer step with the global mean
-density of that step (deft_common.DensityWeight). Evaluation forwards only measure density. The logs get
+density of that step (deft_common.CoefSchedule). Evaluation forwards only measure density. The logs get
 deft/density, deft/loss, deft/density/<layer>, eval_deft/... and, when the weight changes over training,
 deft/coef (see metrics.py).
 
@@ -40,7 +40,7 @@ Public attributes, for code that builds on the mixin:
     deft_config    the DeftConfig in use (constructor keyword `deft_config`, else the class attribute, else defaults)
     deft_engine    the DensityLossEngine computing each micro-batch's density term and keeping the metrics windows
     deft_tracker   its DensityTracker on `trainer.model`; its hooks stay for the trainer's lifetime (`.remove()`)
-    deft_weight    its DensityWeight giving each step's coef (`.controller` with target_density)
+    deft_coef_schedule  its CoefSchedule giving each step's coef λ (`.controller` with target_density)
     deft_metrics   the DeftMetrics merging the windows into the logs
 """
 
@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import torch
 
-from deft_common import DeftConfig, DeftConfigError, DensityTracker, DensityWeight
+from deft_common import CoefSchedule, DeftConfig, DeftConfigError, DensityTracker
 from deft_common.loss_engine import DensityLossEngine
 
 from .metrics import DeftMetrics
@@ -75,7 +75,7 @@ class DeftTrainerMixin:
         self.deft_config = config
         self.deft_engine = DensityLossEngine(self.model, config, self.args.device)  # after super(): TRL wraps the
         self.deft_metrics = DeftMetrics(self.deft_engine)                            # model in PEFT there
-        self._deft_resume = TrainerResumeState(self, lambda: self.deft_weight)
+        self._deft_resume = TrainerResumeState(self, lambda: self.deft_coef_schedule)
         disable_ignored_loss_kwargs(self)
         self._deft_checked_optimizer = None  # the optimizer check_layer_weights_in_optimizer last passed
 
@@ -84,8 +84,8 @@ class DeftTrainerMixin:
         return self.deft_engine.tracker
 
     @property
-    def deft_weight(self) -> DensityWeight:
-        return self.deft_engine.weight
+    def deft_coef_schedule(self) -> CoefSchedule:
+        return self.deft_engine.coef_schedule
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         engine = self.deft_engine

@@ -18,9 +18,9 @@ import torch
 import transformers
 from torch import nn
 
-from deft_common import DeftConfigError, DensityWeight, base_model_of, layer_weights, make_checkpointing_non_reentrant
+from deft_common import (CoefSchedule, DeftConfigError, SparsityThresholds, base_model_of, layer_weights,
+                         make_checkpointing_non_reentrant, save_inference_thresholds)
 from deft_common.adaptive_weights import save_gathered_layer_weights
-from deft_common import SparsityThresholds, save_inference_thresholds
 from deft_common.distributed import gathered
 
 logger = logging.getLogger("deft_hf")
@@ -188,7 +188,7 @@ RESUME_STATE_KEY = "DeftTrainingState"  # in TrainerState.stateful_callbacks, i.
 
 class TrainerResumeState:
     """What a run resumed with `trainer.train(resume_from_checkpoint=...)` needs to continue DEFT where the
-    checkpoint left it: the target-density controller (DensityWeight.state_dict) and the ADA-DEFT layer weights
+    checkpoint left it: the target-density controller (CoefSchedule.state_dict) and the ADA-DEFT layer weights
     (a PEFT checkpoint holds adapter weights only, so they would restart uniform). Without it a resumed run would
     restart the controller's weight at 0 and the layer weights at uniform, with no error.
 
@@ -196,7 +196,7 @@ class TrainerResumeState:
     `trainer._save_checkpoint` (every process calls it) is wrapped to store it first, and `restore_if_resumed()`,
     called at each training step, reads it back once the Trainer has loaded a checkpoint's state."""
 
-    def __init__(self, trainer, weight: Callable[[], DensityWeight]):
+    def __init__(self, trainer, weight: Callable[[], CoefSchedule]):
         self.trainer = trainer
         self._weight = weight  # a getter: the callback rebuilds its hook when the Trainer swaps models
         save_checkpoint = trainer._save_checkpoint

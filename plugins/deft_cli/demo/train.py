@@ -112,9 +112,9 @@ def _engine_entry(engine: DensityLossEngine) -> dict:
         entry["sparsity_setpoint"] = round(engine.setpoint.current_sparsity, 5)
         if engine.setpoint.is_dense_step(engine.setpoint.current_step):
             entry["dense_step"] = True  # setpoint_dense_every: this step trained without the mask
-    if engine.weight.controller is not None:
+    if engine.coef_schedule.controller is not None:
         engine.end_step()  # the controller takes this step's density now (at DeftConfig.threshold)
-        entry["density_error"] = round(engine.weight.log()["deft/density_error"], 5)
+        entry["density_error"] = round(engine.coef_schedule.log()["deft/density_error"], 5)
     return entry
 
 

@@ -1,12 +1,13 @@
-"""The weight of the density term, step by step, for every adapter: `DensityWeight`, and `DensitySums`, the
-density of a window of training forwards over every process.
+"""The coefficient λ of the density term, step by step, for every adapter: `CoefSchedule` (fixed, warm-up or
+target-density controller; not ADA-DEFT's per-layer weights, which are deft_common.adaptive_weights), and
+`DensitySums`, the density of a window of training forwards over every process.
 
-    weight = DensityWeight(config, layers=len(tracker.sites))
+    schedule = CoefSchedule(config, layers=len(tracker.sites))
     # in each training forward of optimizer step `step` (steps done before it, e.g. trainer.state.global_step):
-    coef = weight.coef(step)                 # config.coef_at(step), or the target-density controller's weight
+    coef = schedule.coef(step)               # config.coef_at(step), or the target-density controller's weight
     loss = task_loss + coef * tracker.density_loss()
-    weight.observe(tracker)                  # this forward's density, for the controller
-    weight.log()                             # {"deft/coef": ..., ...} when the weight changes over training
+    schedule.observe(tracker)                # this forward's density, for the controller
+    schedule.log()                           # {"deft/coef": ..., ...} when the coefficient changes over training
 
 With `DeftConfig.target_density` the weight is `DensityController.coef`, and the controller is fed once per
 optimizer step with the mean density of that step's training forwards, summed over every process. `coef(step)`
@@ -85,7 +86,7 @@ class DensitySums:
                             term=term / terms if terms else None)
 
 
-class DensityWeight:
+class CoefSchedule:
     """The density weight of each optimizer step: `config.coef_at(step)` (fixed coef, linear warm-up), or, when
     `config.target_density` is set, the weight of a `DensityController` (attribute `controller`) fed once per
     optimizer step with the global mean density of that step. One object per training run.
@@ -146,7 +147,7 @@ class DensityWeight:
             return
         if self.controller is None or "controller" not in state:
             raise DeftConfigError(
-                "DensityWeight.load_state_dict: the saved state and this DeftConfig disagree on target_density "
+                "CoefSchedule.load_state_dict: the saved state and this DeftConfig disagree on target_density "
                 f"(saved: {'a controller state' if 'controller' in state else 'no controller'}, now: "
                 f"target_density={self.config.target_density}); resume with the DeftConfig of the saved run"
             )
