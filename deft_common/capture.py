@@ -162,9 +162,9 @@ class _Stage:
 
 @dataclass
 class _RealRows:
-    real: torch.Tensor | None  # bool (rows,), None = every row is real
-    pad_rows: torch.Tensor | None  # indices of the padding rows, None when there are none
-    count: int  # real rows
+    real: torch.Tensor  # bool (rows,): True for the rows of real tokens
+    pad_rows: torch.Tensor | None = None  # indices of the padding rows (None: none), once `count` is known
+    count: int | None = None  # real rows; None until pad_rows() needed them
 
 
 @dataclass(eq=False)
@@ -293,25 +293,30 @@ class ActivationCapture:
     def masks(self) -> dict[str, torch.Tensor | None]:
         return self._pinned if self._pinned is not None else self._read
 
-    def _real(self, site: MlpSite, a: torch.Tensor) -> _RealRows:
+    def _real(self, site: MlpSite, a: torch.Tensor) -> _RealRows | None:
+        """The real rows of `a` under the current masks (None: no mask, every row is real), once per shape."""
         stack = "decoder" if (self.is_encoder_decoder and site.stack == "decoder") else "encoder"
         mask = self.masks.get(stack)
         if mask is None:
-            return _RealRows(None, None, a.numel() // a.shape[-1])
+            return None
         key = (stack, tuple(a.shape[:-1]), a.device)
-        rows = self._rows.get(key)
-        if rows is None:
-            real = align_mask(mask, a, site, stack, self.virtual_tokens)
-            pad = torch.nonzero(~real).flatten()
-            rows = _RealRows(real, pad if pad.numel() else None, real.numel() - pad.numel())
-            self._rows[key] = rows
-        return rows
+        if key not in self._rows:
+            self._rows[key] = _RealRows(align_mask(mask, a, site, stack, self.virtual_tokens))
+        return self._rows[key]
 
     def real_rows(self, site: MlpSite, a: torch.Tensor) -> torch.Tensor | None:
-        """Boolean (rows,) over a.reshape(-1, hidden): True for the rows of real tokens (None = every row is real)."""
-        return self._real(site, a).real
+        """Boolean (rows,) over a.reshape(-1, hidden): True for the rows of real tokens (None = every row is real).
+        Computed on a's device without reading anything back to the host."""
+        rows = self._real(site, a)
+        return rows.real if rows is not None else None
 
     def pad_rows(self, site: MlpSite, a: torch.Tensor) -> tuple[torch.Tensor | None, int]:
-        """(indices of the padding rows of a.reshape(-1, hidden), None if there are none; number of real rows)."""
+        """(indices of the padding rows of a.reshape(-1, hidden), None if there are none; number of real rows).
+        Finding the indices reads the mask back to the host, once per shape and forward."""
         rows = self._real(site, a)
+        if rows is None:
+            return None, a.numel() // a.shape[-1]
+        if rows.count is None:
+            pad = torch.nonzero(~rows.real).flatten()
+            rows.pad_rows, rows.count = (pad if pad.numel() else None), rows.real.numel() - pad.numel()
         return rows.pad_rows, rows.count

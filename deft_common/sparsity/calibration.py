@@ -21,19 +21,14 @@ from ..capture import ActivationCapture, forward_input_names, is_activation
 from ..config import DeftConfig
 from ..distributed import is_distributed, is_main_process, sum_over_processes
 from ..errors import DeftConfigError, DeftInputError, DeftThresholdsError
+from .histogram import NUM_BINS, bin_index, bin_value
 from .thresholds import SparsityThresholds, sparsity_per_block
-
-# |a| is binned by log2 into BINS_PER_OCTAVE bins per factor of 2 over [2^LOWEST_OCTAVE, 2^HIGHEST_OCTAVE); exact
-# zeros are counted apart. Within a bin τ is interpolated, so τ is within one bin (a factor 2^(1/256), 0.27%) of
-# the exact quantile; values outside the range fall into the first or last bin.
-BINS_PER_OCTAVE = 256
-LOWEST_OCTAVE, HIGHEST_OCTAVE = -40, 24
-NUM_BINS = (HIGHEST_OCTAVE - LOWEST_OCTAVE) * BINS_PER_OCTAVE
 
 
 
 class ActivationHistograms:
-    """Per MLP block, a log2 histogram of |a| over real entries, and the count of exact zeros (bounded memory)."""
+    """Per MLP block, a log2 histogram of |a| over real entries (sparsity.histogram), and the count of exact zeros
+    apart (bounded memory)."""
 
     def __init__(self, names: list[str], capture: str, model_blocks: int | None = None):
         self.capture, self.model_blocks = capture, model_blocks
@@ -49,8 +44,7 @@ class ActivationHistograms:
         x = x.abs().float().flatten()
         self.widths[name] = a.shape[-1]
         zeros = int((x == 0).sum())
-        index = ((torch.log2(x) - LOWEST_OCTAVE) * BINS_PER_OCTAVE).floor_().clamp_(0, NUM_BINS - 1).long()
-        counts = torch.bincount(index, minlength=NUM_BINS).to(torch.float64).cpu()
+        counts = torch.bincount(bin_index(x), minlength=NUM_BINS).to(torch.float64).cpu()
         counts[0] -= zeros  # log2(0) = -inf landed in bin 0: the zeros are counted apart
         self.bins[name] += counts
         self.zeros[name] += zeros
@@ -79,7 +73,7 @@ class ActivationHistograms:
         before = float(cumulative[k - 1]) if k else 0.0
         inside = float(self.bins[name][k])
         share = (wanted - before) / inside if inside else 1.0
-        tau = 2.0 ** (LOWEST_OCTAVE + (k + share) / BINS_PER_OCTAVE)  # interpolated in log space within bin k
+        tau = bin_value(k + share)  # interpolated in log space within bin k
         return tau, q
 
     def thresholds(self, sparsity: float | Mapping[str, float]) -> SparsityThresholds:
