@@ -55,12 +55,18 @@ sys.exit(cli.main(["block"]))
 '''
 
 
+def sigint_as_in_a_terminal() -> None:
+    """Run in the child before exec: SIGINT back to its default. A test run started in the background (`cmd &` in a
+    script, as CI may be) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler at all."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_command(tmp_path: pathlib.Path, **popen) -> tuple[subprocess.Popen, pathlib.Path]:
     (tmp_path / "blocker.py").write_text(BLOCKER)
     pid_file = tmp_path / "worker.pid"
     script = COMMAND.format(tmp=str(tmp_path), pid_file=str(pid_file))
     command = subprocess.Popen([sys.executable, "-c", script], env=subprocess_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, **popen)
+                               stderr=subprocess.PIPE, text=True, preexec_fn=sigint_as_in_a_terminal, **popen)
     return command, pid_file
 
 
@@ -160,7 +166,7 @@ def test_ctrl_c_of_the_demo(tmp_path):
                              "--out", str(tmp_path / "out"), "--steps", "100000", "--batch-size", "4",
                              "--max-length", "16", "--train-size", "24", "--eval-size", "8"],
                             env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=sigint_as_in_a_terminal)
     try:
         parent = psutil.Process(demo.pid)
         children = wait_for(lambda: training_children(parent), 120, "training subprocess", demo)
