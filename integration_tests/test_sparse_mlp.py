@@ -203,9 +203,11 @@ def test_weight_changed_after_install_is_followed():
     assert torch.allclose(sparse, dense, atol=1e-5)
 
 
-def test_generate_same_tokens_sparse_and_mask():
+@pytest.mark.parametrize("capture", ["act", "down_in"])
+def test_generate_same_tokens_sparse_and_mask(capture):
     model = _model("llama")
-    th = _thresholds(model, "llama", sparsity=0.8)  # density 0.2: below the crossover
+    # density 0.2 (act) and 0.1 (down_in): below the crossover
+    th = _thresholds(model, "llama", capture=capture, sparsity=0.8 if capture == "act" else 0.9)
     prompt = make_batch("llama", batch_size=1, seq_len=6, padding=False)
     kwargs = dict(input_ids=prompt["input_ids"], attention_mask=prompt["attention_mask"], max_new_tokens=12,
                   do_sample=False, pad_token_id=0)
@@ -217,11 +219,79 @@ def test_generate_same_tokens_sparse_and_mask():
     assert torch.equal(sparse, masked)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("family", sorted(GATED))
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_gated_down_in_sparse_path(family, dtype, backend, monkeypatch):
+    """Gated MLP, capture="down_in": gate and up dense, the down-projection over the active rows of act(gate) * up.
+    One token at a low density takes the sparse path, many rows and a high density fall back (the latter masked
+    only); the outputs are the mask path's and remove() restores the model exactly."""
+    monkeypatch.setenv("DEFT_SPARSE_KERNEL", backend)
+    model = _model(family, dtype)
+    one = _one_token_inputs(family)
+    rows = {k: v for k, v in make_batch(family, batch_size=2, seq_len=8, seed=4).items() if k != "labels"}
+    if family == "t5_gated":
+        rows["decoder_input_ids"] = torch.zeros(2, 8, dtype=torch.long)  # every block sees 16 rows
+    before = {name: _outputs(model, batch) for name, batch in (("one", one), ("rows", rows))}
+    modules = dict(model.named_modules())
+    params = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
+    for sparsity, masked_only in ((0.95, False), (0.1, True)):  # density 0.05: sparse; 0.9: above every limit
+        th = _thresholds(model, family, capture="down_in", sparsity=sparsity)
+        for name, batch in (("one", one), ("rows", rows)):
+            with apply_thresholds(model, th, kernel="mask"):
+                masked = _outputs(model, batch)
+            with apply_thresholds(model, th, kernel="sparse") as handle:
+                sparse = _outputs(model, batch)
+                hs = handle._handles
+                assert all(h.backend == backend and h.masked_only == masked_only for h in hs), hs
+                calls = [h.calls for h in hs]
+                if masked_only or name == "rows":
+                    assert all(c["sparse"] == 0 for c in calls), calls
+                else:
+                    assert all(c["sparse"] > 0 for c in calls), calls
+                    assert all("forward" in vars(h.site.down) for h in hs)
+                    assert all("forward" not in vars(base_model_of(model).get_submodule(h.site.name)) for h in hs)
+            scale = masked.abs().max()
+            assert (sparse - masked).abs().max() <= TOLERANCE[dtype] * scale * 10, (name, (sparse - masked).abs().max())
+    # a high density seen per forward (no calibrated density given): the per-token check falls back to dense
+    sites = find_mlp_sites(model, DeftConfig(capture="down_in"))
+    handles = [install_sparse_mlp(model, site, 0.0, "down_in") for site in sites]  # τ 0: nearly all active
+    _outputs(model, one)
+    for h in handles:
+        h.remove()
+    assert all(h.calls == {"sparse": 0, "dense": 1} for h in handles), [h.calls for h in handles]
+    assert dict(model.named_modules()) == modules
+    for name, (param, value) in params.items():
+        assert dict(model.named_parameters())[name] is param and torch.equal(param, value)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    for name, batch in (("one", one), ("rows", rows)):
+        assert torch.equal(_outputs(model, batch), before[name])
+
+
+def test_speedup_limit():
+    """The bound the weight bytes a sparse step reads put on its speedup: gated act 3/(1+2d), gated down_in
+    3/(2+d), non-gated 2/(1+d)."""
+    for d in (0.0, 0.1, 0.5, 1.0):
+        assert sparse_mlp.speedup_limit(True, "act", d) == pytest.approx(3 / (1 + 2 * d))
+        assert sparse_mlp.speedup_limit(True, "down_in", d) == pytest.approx(3 / (2 + d))
+        for capture in ("act", "down_in"):
+            assert sparse_mlp.speedup_limit(False, capture, d) == pytest.approx(2 / (1 + d))
+    assert sparse_mlp.speedup_limit(True, "down_in", 1.0) == pytest.approx(1.0)
+    with pytest.raises(SparseMlpError, match="capture='gate' is unknown"):
+        sparse_mlp.speedup_limit(True, "gate", 0.5)
+    with pytest.raises(SparseMlpError, match="density=1.5"):
+        sparse_mlp.speedup_limit(True, "act", 1.5)
+
+
 # --------------------------------------------------------------------------------------------- bad input
-def test_gated_with_down_in_thresholds_is_refused():
-    model = _model("llama")
-    th = _thresholds(model, "llama", capture="down_in")
-    with pytest.raises(SparseMlpError, match=r"gate-less thresholds.*capture='act'"):
+def test_gated_down_in_lora_on_the_down_projection_is_refused():
+    """capture="down_in" replaces only the down-projection's forward: a PEFT adapter there is refused with the fix
+    (gate and up run through their own modules)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_model("llama"), LoraConfig(r=4, target_modules=["down_proj"]))
+    th = _thresholds(model, "llama", capture="down_in", sparsity=0.95)
+    with pytest.raises(SparseMlpError, match=r"down-projection\) is a PEFT adapter.*merge_and_unload"):
         apply_thresholds(model, th, kernel="sparse")
     assert all("forward" not in m.__dict__ for m in model.modules())  # nothing left installed
 
