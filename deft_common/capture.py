@@ -46,7 +46,11 @@ _REGISTRY = "_deft_activation_capture"  # the ActivationCapture of a base model,
 
 # ------------------------------------------------------------------------------------------ public helpers
 def in_backward() -> bool:
-    """True while the autograd engine runs backward, e.g. during a gradient-checkpoint recompute."""
+    """True while the autograd engine runs backward, e.g. during a gradient-checkpoint recompute. False while
+    torch.compile traces a forward (a compiled graph's recompute does not run the hooks again), which also keeps this
+    untraceable call out of the graph."""
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 

@@ -177,7 +177,10 @@ class SparsitySetpoint:
             tau = self._taus[site.name]
         else:
             tau = self._taus[site.name] = self._quantile(site, a, sparsity)
-        masked = zero_at_or_below(a, float(tau) if a.device.type == "cpu" else tau)
+        # On CPU a number: reading it costs nothing there and the mask is one fused pass. Elsewhere, and in a graph
+        # torch.compile traces, a tensor: nothing is read back to the host.
+        on_host = a.device.type == "cpu" and not torch.compiler.is_compiling()
+        masked = zero_at_or_below(a, float(tau) if on_host else tau)
         if self.gradient == "ste":
             return a - (a - masked).detach()  # forward: masked; backward: the dense gradient
         return masked
