@@ -6,6 +6,10 @@
   The quantisation backends are needed only by a quantised model, DeepSpeed by none of the commands, so the
   command marks them absent before anything imports peft (`quiet_imports`), and the training subprocesses do the
   same.
+- Messages that say nothing to a `deft` user and still print where those packages are imported anyway (a
+  quantised model needs bitsandbytes; another caller may have imported DeepSpeed) or that come from the packages
+  the commands use (peft asks transformers' deprecated `is_gradient_checkpointing`) are silenced one by one, by
+  their exact source and text (`quiet_messages`, `QUIET_WARNINGS`, `QUIET_LOG_RECORDS`); nothing else is.
 - `deft demo` and `deft bench` train in spawned subprocesses (`in_subprocess`). A SIGTERM of the command
   (`kill PID`) ends them first, then the command (`ending_children_on_sigterm`). A Ctrl-C (KeyboardInterrupt)
   reaches the command only: the subprocess ignores SIGINT, and the command kills it before the KeyboardInterrupt
@@ -18,6 +22,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
+import logging
 import multiprocessing
 import os
 import pathlib
@@ -25,9 +30,19 @@ import signal
 import sys
 import threading
 import time
+import warnings
 
 QUANTISATION_PACKAGES = ("bitsandbytes", "torchao")  # needed only to load a quantised model
 UNUSED_PACKAGES = ("deepspeed",)  # no `deft` command trains with it
+# (category, message start, module that warns) of the Python warnings silenced, each on its own
+QUIET_WARNINGS = (
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated", r"transformers\.modeling_utils"),  # asked by peft
+)
+# logger name -> starts of the messages of that logger silenced (the logger's other messages still show)
+QUIET_LOG_RECORDS = {
+    "DeepSpeed": ("Setting accelerator to CPU",),  # deepspeed.accelerator.real_accelerator, at import
+    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward",),  # at import, on AVX512-BF16 CPUs
+}
 _CHILD_EXIT_SECONDS = 5  # how long a SIGTERM waits for the training subprocesses before it kills them
 _PARENT_POLL_SECONDS = 0.5  # how often a subprocess checks that its command is still there (where no prctl)
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -44,17 +59,55 @@ def is_quantised(model_dir) -> bool:
         return False  # transformers reports an unreadable config.json itself, with its path
 
 
+class _DropMessages(logging.Filter):
+    """A logger's filter that drops the records whose message starts with one of `starts`."""
+
+    def __init__(self, starts: tuple[str, ...]):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
+def _silence_messages() -> list[tuple[logging.Logger, logging.Filter]]:
+    """Install the filters of QUIET_WARNINGS and QUIET_LOG_RECORDS; the logging filters added (to remove)."""
+    for category, message, module in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    added = []
+    for name, starts in QUIET_LOG_RECORDS.items():
+        logger, drop = logging.getLogger(name), _DropMessages(starts)
+        logger.addFilter(drop)  # kept when the package configures its logger later (it adds handlers only)
+        added.append((logger, drop))
+    return added
+
+
+@contextlib.contextmanager
+def quiet_messages():
+    """Within: the third-party messages of QUIET_WARNINGS and QUIET_LOG_RECORDS are not shown (each matched by
+    its source and text, nothing else); on exit the filters are taken off again."""
+    with warnings.catch_warnings():
+        added = _silence_messages()
+        try:
+            yield
+        finally:
+            for logger, drop in added:
+                logger.removeFilter(drop)
+
+
 @contextlib.contextmanager
 def quiet_imports(*model_dirs):
     """Within: the optional backends not yet imported are marked absent (the quantisation ones unless one of
-    `model_dirs` is quantised), so peft and accelerate find them absent and nothing prints at import. On exit the
-    marks are taken off again, so a caller of `main()` (e.g. a test) keeps its own imports."""
+    `model_dirs` is quantised), so peft and accelerate find them absent and nothing prints at import, and the
+    messages of `quiet_messages` are silenced. On exit the marks are taken off again, so a caller of `main()`
+    (e.g. a test) keeps its own imports."""
     quantised = any(is_quantised(d) for d in model_dirs)
     marked = [p for p in UNUSED_PACKAGES + (() if quantised else QUANTISATION_PACKAGES) if p not in sys.modules]
     for package in marked:
         sys.modules[package] = None  # `import` raises ImportError, find_spec finds nothing
     try:
-        yield
+        with quiet_messages():
+            yield
     finally:
         for package in marked:
             if sys.modules.get(package, ...) is None:
@@ -107,6 +160,7 @@ def _start_child(absent: list[str], parent_pid: int) -> None:
     _end_when_parent_ends(parent_pid)
     for package in absent:
         sys.modules.setdefault(package, None)
+    _silence_messages()  # for good: this process ends with its task
 
 
 @contextlib.contextmanager
