@@ -58,7 +58,7 @@ def test_bench_end_to_end(bert_dir, tmp_path, capsys):  # noqa: F811
 def test_bench_bad_input(bert_dir, tmp_path, capsys):  # noqa: F811
     data = write_labelled_jsonl(tmp_path / "labelled.jsonl", n=16)
     assert run_cli("bench", "--model", bert_dir, "--data", data, "--out", tmp_path / "o", "--steps", 0) == 2
-    assert "--steps must be at least 1" in capsys.readouterr().err
+    assert "--steps 0 must be a whole number >= 1" in capsys.readouterr().err
     assert run_cli("bench", "--model", bert_dir, "--data", data, "--out", tmp_path / "o", "--skip-budget", 5) == 2
     assert "asks for 5 MLP blocks but the model has 2" in capsys.readouterr().err
 

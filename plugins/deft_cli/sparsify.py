@@ -16,8 +16,10 @@ import torch
 
 from deft_common import THRESHOLDS_FILE, DeftConfig, apply_thresholds, calibrate_thresholds, find_mlp_sites
 
+from .checks import DeftArgumentError, check_output_dir
 from .data import DeftDataError, read_jsonl, reports_errors
-from .density import load_model, measure_density, text_batches
+from .density import check_args as check_density_args
+from .density import load_model, measure_density, signed_percent, text_batches
 
 
 def held_out_difference(model, batches, thresholds) -> dict:
@@ -101,11 +103,24 @@ def add_sparsify_command(subparsers) -> None:
     p.set_defaults(handler=sparsify_command)
 
 
+def check_args(args) -> pathlib.Path:
+    """Every argument of `deft sparsify`, before anything loads: a message that names the flag and the fix. The
+    folder deft_thresholds.json will go to (--out, else the adapter's or the model's folder)."""
+    check_density_args(args)
+    if not 0.0 <= args.sparsity < 1.0:  # NaN fails too
+        raise DeftArgumentError(f"--sparsity {args.sparsity} must be in [0, 1): the fraction of the activations set "
+                                "to 0, e.g. 0.9")
+    if not 0.0 < args.calibration_share < 1.0:
+        raise DeftArgumentError(f"--calibration-share {args.calibration_share} must be in (0, 1): part of the texts "
+                                "calibrates, the rest is held out")
+    flag = "--out" if args.out else ("--adapter (where the thresholds go without --out)" if args.adapter
+                                     else "MODEL (where the thresholds go without --out)")
+    return check_output_dir(args.out or args.adapter or args.model, flag=flag)
+
+
 @reports_errors
 def sparsify_command(args) -> int:
-    if not 0.0 < args.calibration_share < 1.0:
-        raise DeftDataError(f"--calibration-share {args.calibration_share} must be in (0, 1): part of the texts "
-                            "calibrates, the rest is held out")
+    out = check_args(args)
     texts = [r["text"] for r in read_jsonl(args.data, need_labels=False)[: args.limit]]
     split = int(round(len(texts) * args.calibration_share))
     if split < 1 or split >= len(texts):
@@ -115,12 +130,8 @@ def sparsify_command(args) -> int:
     config = DeftConfig(coef=0.0, capture=args.capture)
     batches = lambda part: text_batches(model, tokenizer, part, args.batch_size, args.max_length)
     thresholds = calibrate_thresholds(model, batches(texts[:split]), sparsity=args.sparsity, config=config)
-    out = pathlib.Path(args.out or args.adapter or args.model)
-    replaced = (out / THRESHOLDS_FILE).is_file()
-    path = thresholds.save(out)
-    if replaced:  # e.g. the file training wrote beside the adapter
-        print(f"deft sparsify: note: replaced the {THRESHOLDS_FILE} that was in {out}; give --out DIR to keep it",
-              file=sys.stderr)
+    path = out / THRESHOLDS_FILE
+    replaced = path.is_file()
     with apply_thresholds(model, thresholds):
         held_out = {d.layer: d.exact for d in measure_density(model, batches(texts[split:]), 0.0,
                                                                 capture=thresholds.capture)}
@@ -132,10 +143,17 @@ def sparsify_command(args) -> int:
               "capture": args.capture, "calibration_texts": split, "held_out_texts": len(texts) - split,
               "calibration_tokens": thresholds.tokens, "thresholds_file": str(path), "layers": layers,
               **({"perplexity": difference["perplexity"]} if "perplexity" in difference else {})}
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(format_sparsify(result))
+    # printed first, then written: a failed write loses nothing, and says where and why
+    print(json.dumps(result, indent=2) if args.json else format_sparsify(result), flush=True)
+    try:
+        thresholds.save(out)
+    except OSError as err:
+        raise DeftArgumentError(f"could not write {path}: {err.strerror or err}") from err
+    if replaced:  # e.g. the file training wrote beside the adapter
+        print(f"deft sparsify: note: replaced the {THRESHOLDS_FILE} that was in {out}; give --out DIR to keep it",
+              file=sys.stderr)
+    if not args.json:
+        print(f"wrote {path}")
     return 0
 
 
@@ -152,6 +170,5 @@ def format_sparsify(result: dict) -> str:
     if "perplexity" in result:
         ppl = result["perplexity"]
         lines.append(f"held-out perplexity: dense {ppl['dense']:.3f}, sparsified {ppl['sparse']:.3f} "
-                     f"({ppl['sparse'] / ppl['dense'] - 1:+.2%})")
-    lines.append(f"wrote {result['thresholds_file']}")
+                     f"({signed_percent(ppl['sparse'] / ppl['dense'] - 1, 2)})")
     return "\n".join(lines)
