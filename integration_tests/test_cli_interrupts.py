@@ -1,6 +1,6 @@
 """A `deft` command's training subprocess (`in_subprocess`) never outlives the command: not when the command is
 killed with SIGKILL (nothing in the command can run then), and not on Ctrl-C, which also ends the command with one
-line on stderr and exit status 130 instead of a KeyboardInterrupt traceback."""
+line on stderr and exit status 130 instead of a KeyboardInterrupt traceback, and leaves no empty output folder."""
 
 from __future__ import annotations
 
@@ -177,6 +177,7 @@ def test_ctrl_c_of_the_demo(tmp_path):
         assert stderr.strip().splitlines()[-1] == "deft demo: interrupted", stderr
         assert demo.returncode == 130
         assert_ends(children)
+        assert not (tmp_path / "out").exists()  # made only when there is something to write
     finally:
         if demo.poll() is None:
             demo.kill()

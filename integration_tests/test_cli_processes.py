@@ -1,5 +1,6 @@
 """The `deft` command as a user starts it, in a subprocess: it starts quietly (no third-party warnings, bitsandbytes
-not imported for a model that is not quantised), and a plain SIGTERM ends its training subprocesses too."""
+not imported for a model that is not quantised), the demo prints where its whole run stands, and a plain SIGTERM
+ends its training subprocesses too."""
 
 from __future__ import annotations
 
@@ -52,6 +53,23 @@ def test_density_imports_no_bitsandbytes_and_warns_nothing(bert_dir, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "bitsandbytes loaded: False" in done.stdout
     assert messages(done.stderr) == []
+
+
+def test_demo_prints_progress_and_no_third_party_warnings(bert_dir, tmp_path):
+    """`deft demo` as a user runs it: on stderr only the progress bars and the overall line after each of the
+    six phases (peft's is_gradient_checkpointing FutureWarning, DeepSpeed's and bitsandbytes' notices silenced)."""
+    data = write_labelled_jsonl(tmp_path / "labelled.jsonl", n=32)
+    done = subprocess.run([*DEFT, "demo", "--model", str(bert_dir), "--data", str(data), "--out", str(tmp_path / "out"),
+                           "--steps", "3", "--batch-size", "8", "--max-length", "16", "--train-size", "24",
+                           "--eval-size", "8"], env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    lines = messages(done.stderr)
+    assert lines[0].startswith("overall: 6 phases (PEFT training, PEFT evaluation, PEFT frontier, DEFT training")
+    overall = [line for line in lines[1:] if line.startswith("overall: ")]
+    assert [line.split(" phases done")[0] for line in overall] == [f"overall: {i} of 6" for i in range(1, 7)]
+    assert all(" left" in line for line in overall[:-1]) and overall[-1].endswith("all done")
+    assert [line for line in lines[1:] if not line.startswith("overall: ")] == []
+    assert "Accuracy-sparsity frontier" in done.stdout
 
 
 def test_sigterm_of_the_demo_ends_its_training_subprocess(bert_dir, tmp_path):

@@ -4,38 +4,45 @@ Both runs share the model, data, seed, steps, batch order and LoRA settings; the
 term. Each run trains in a fresh subprocess, so its peak memory is its own. Default: all-MiniLM-L6-v2 on IMDB.
 
 The modules, and the public API that `deft demo`, `deft bench` and benchmarks/run.py use (exported here):
-- settings: DemoSettings (the job), demo_deft_config (the DEFT run's default DeftConfig), the DEMO_* and ADA_*
+- settings: DemoSettings (the job; DemoSettings.check checks every setting before anything loads),
+  demo_deft_config (the DEFT run's default DeftConfig), calibration_count, the DEMO_*, ADA_* and CALIBRATION_TEXTS
   defaults;
 - data: load_records (train, held-out, labels), encode, batches, scoring_batches, training_order;
 - model: build_classifier / seeded_classifier (tokenizer and MeanPoolClassifier), check_model;
 - train: train_run (the training loop, a TrainedRun) and its step pieces step_loss, optimizer_step, make_optimizer;
 - evaluate: evaluate_run (accuracy, density, frontier, ADA-DEFT), run_frontier, ada_inference;
-- report: summarise (results.json), format_report (the printed report), ada_report, masked_steps;
-- plot: plot_density (density.png);
+- report: summarise (results.json), format_report (the printed report), ada_report, masked_steps,
+  setpoint_training_density, chance_level / chance_warnings (results.json's "warnings"), density_loss_on;
+- plot: plot_density (density.png), density_figure;
+- progress: OverallProgress (the overall line after each of the six phases);
 - pipeline: train_and_evaluate (one run, as results.json holds it), prepare, train_runs (each in a subprocess),
   run_demo;
-- cli: add_demo_command, demo_command.
+- cli: add_demo_command, demo_command, demo_settings (the checked DemoSettings of the arguments).
 """
 
-from .cli import add_demo_command, demo_command
+from .cli import add_demo_command, demo_command, demo_settings
 from .data import batches, encode, load_records, scoring_batches, training_order
 from .evaluate import ada_inference, evaluate_run, run_frontier
 from .model import MeanPoolClassifier, build_classifier, check_model, seeded_classifier
 from .pipeline import RUNS, prepare, run_demo, train_and_evaluate, train_runs
-from .plot import check_plotting, plot_density
-from .report import ada_report, controller_summary, final_training_density, format_report, masked_steps, summarise
-from .settings import (ADA_SKIP_BUDGET, ADA_TARGET_DENSITY, ADA_TIMED_BATCHES, DEFAULT_TARGETS, DEMO_DENSE_EVERY,
-                       DEMO_RAMP_SHARE, DEMO_SETPOINT, DemoSettings, demo_deft_config, demo_ramp_steps,
-                       parse_skip_budget, resolve_device)
+from .plot import check_plotting, density_figure, plot_density
+from .progress import OverallProgress
+from .report import (ada_report, chance_level, chance_warnings, controller_summary, density_loss_on,
+                     final_training_density, format_report, masked_steps, setpoint_training_density, summarise)
+from .settings import (ADA_SKIP_BUDGET, ADA_TARGET_DENSITY, ADA_TIMED_BATCHES, CALIBRATION_TEXTS, DEFAULT_TARGETS,
+                       DEMO_DENSE_EVERY, DEMO_RAMP_SHARE, DEMO_SETPOINT, DemoSettings, calibration_count,
+                       demo_deft_config, demo_ramp_steps, parse_skip_budget, resolve_device)
 from .train import TrainedRun, make_optimizer, optimizer_step, step_loss, train_run
 
 __all__ = [
-    "ADA_SKIP_BUDGET", "ADA_TARGET_DENSITY", "ADA_TIMED_BATCHES", "DEFAULT_TARGETS", "DEMO_DENSE_EVERY",
-    "DEMO_RAMP_SHARE", "DEMO_SETPOINT", "RUNS", "DemoSettings", "MeanPoolClassifier", "TrainedRun",
-    "ada_inference", "ada_report", "add_demo_command", "batches", "build_classifier", "check_model",
-    "check_plotting", "controller_summary", "demo_command", "demo_deft_config", "demo_ramp_steps", "encode",
-    "evaluate_run", "final_training_density", "format_report", "load_records", "make_optimizer", "masked_steps",
-    "optimizer_step", "parse_skip_budget", "plot_density", "prepare", "resolve_device", "run_demo", "run_frontier",
-    "scoring_batches", "seeded_classifier", "step_loss", "summarise", "train_and_evaluate", "train_run",
-    "train_runs", "training_order",
+    "ADA_SKIP_BUDGET", "ADA_TARGET_DENSITY", "ADA_TIMED_BATCHES", "CALIBRATION_TEXTS", "DEFAULT_TARGETS",
+    "DEMO_DENSE_EVERY", "DEMO_RAMP_SHARE", "DEMO_SETPOINT", "RUNS", "DemoSettings", "MeanPoolClassifier",
+    "OverallProgress", "TrainedRun", "ada_inference", "ada_report", "add_demo_command", "batches",
+    "build_classifier", "calibration_count", "chance_level", "chance_warnings", "check_model", "check_plotting",
+    "controller_summary", "demo_command", "demo_deft_config", "demo_ramp_steps", "demo_settings",
+    "density_figure", "density_loss_on", "encode", "evaluate_run", "final_training_density", "format_report",
+    "load_records", "make_optimizer", "masked_steps", "optimizer_step", "parse_skip_budget", "plot_density",
+    "prepare", "resolve_device", "run_demo", "run_frontier", "scoring_batches", "seeded_classifier",
+    "setpoint_training_density", "step_loss", "summarise", "train_and_evaluate", "train_run", "train_runs",
+    "training_order",
 ]

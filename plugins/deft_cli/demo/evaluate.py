@@ -14,14 +14,15 @@ from ..density import mean, measure_density, relative_reduction
 from ..frontier import SPARSITY_GRID, accuracy_frontier
 from ..measure import compare_inference, memory_kind
 from .data import scoring_batches
-from .settings import ADA_TIMED_BATCHES, DemoSettings
+from .settings import ADA_TIMED_BATCHES, DemoSettings, calibration_count
 from .train import TrainedRun
 
 
 def evaluate_run(settings: DemoSettings, run: TrainedRun, train: list[dict], held_out: list[dict],
-                 grid=SPARSITY_GRID) -> dict:
+                 grid=SPARSITY_GRID, on_phase=None) -> dict:
     """Accuracy and per-layer density on held_out, then the frontier over `grid` (thresholds calibrated on the
-    first settings.calibration_texts training texts) and, for an adaptive DEFT run, ADA-DEFT inference."""
+    first settings.calibration_texts training texts) and, for an adaptive DEFT run, ADA-DEFT inference.
+    on_phase(phase, seconds) is called after each phase ("evaluation", "frontier")."""
     from tqdm.auto import tqdm
 
     correct = 0
@@ -36,12 +37,17 @@ def evaluate_run(settings: DemoSettings, run: TrainedRun, train: list[dict], hel
     layers = measure_density(run.model, eval_bar, settings.threshold, on_outputs=score, body=run.model.body)
     eval_seconds = time.perf_counter() - eval_start
     accuracy = correct / len(held_out)
+    if on_phase is not None:
+        on_phase("evaluation", eval_seconds)
 
     frontier_start = time.perf_counter()
     frontier = run_frontier(settings, run, train, scored, {"density": mean(layers), "accuracy": accuracy}, grid)
     config = settings.deft
     ada = ada_inference(run.model, scored, config, run.device, accuracy) \
         if run.name == "DEFT" and config.adaptive else None
+    frontier_seconds = time.perf_counter() - frontier_start  # ADA-DEFT inference included
+    if on_phase is not None:
+        on_phase("frontier", frontier_seconds)
     return {
         **({"ada": ada} if ada is not None else {}),
         "accuracy": accuracy,
@@ -50,7 +56,7 @@ def evaluate_run(settings: DemoSettings, run: TrainedRun, train: list[dict], hel
         "layers": [dataclasses.asdict(layer) for layer in layers],
         "frontier": frontier,
         "eval_seconds": round(eval_seconds, 2),
-        "frontier_seconds": round(time.perf_counter() - frontier_start, 2),  # ADA-DEFT inference included
+        "frontier_seconds": round(frontier_seconds, 2),
     }
 
 
@@ -61,7 +67,8 @@ def run_frontier(settings: DemoSettings, run: TrainedRun, train: list[dict], sco
     from tqdm.auto import tqdm
 
     config = settings.deft
-    calibration = scoring_batches(run.tokenizer, train[:settings.calibration_texts], settings.max_length, run.device)
+    texts = train[:calibration_count(settings, len(train))]
+    calibration = scoring_batches(run.tokenizer, texts, settings.max_length, run.device)
     return accuracy_frontier(
         run.model, run.model.body, calibration, scored, grid=grid, dense=dense,
         config=DeftConfig(coef=0.0, capture=config.capture, layers=config.layers, modules=config.modules),

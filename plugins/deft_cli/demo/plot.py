@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ..data import DeftDataError
-from ..density import relative_reduction
-from .report import masked_steps
+from ..density import relative_reduction, signed_percent
+from .report import density_loss_on, masked_steps
 
 
 def check_plotting() -> None:
@@ -16,7 +16,18 @@ def check_plotting() -> None:
 
 
 def plot_density(results: dict, path) -> None:
-    """Left: per-layer exact-zero density of both runs side by side. Right: DEFT's density during training."""
+    """density.png: `density_figure`, saved."""
+    import matplotlib.pyplot as plt
+
+    fig = density_figure(results)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def density_figure(results: dict):
+    """Left: per-layer exact-zero density of both runs side by side, each DEFT bar labelled with its change
+    against PEFT (negative: sparser). Right: DEFT's density during training, with its set-point or target, and
+    the density loss's weight (coef) on a second axis when the run had one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -32,13 +43,15 @@ def plot_density(results: dict, path) -> None:
     left.bar([i + width / 2 for i in x], [layer["exact"] for layer in deft["layers"]], width,
              label=f"DEFT (mean {deft['density']:.3f}, acc {deft['accuracy']:.3f})", color="#d95f02")
     for i, (a, b) in enumerate(zip(peft["layers"], deft["layers"])):
-        left.text(i + width / 2, b["exact"] + 0.01, f"-{relative_reduction(a['exact'], b['exact']):.0%}",
+        left.text(i + width / 2, b["exact"] + 0.01, signed_percent(-relative_reduction(a["exact"], b["exact"]), 0),
                   ha="center", va="bottom", fontsize=8)
     left.set_xticks(x, [f"layer {i}" for i in x])
     left.set_ylim(0, 1.12)
     left.set_ylabel("exact-zero density (fraction of a ≠ 0)")
-    left.set_title(f"MLP activation density per layer, {results['held_out_texts']} held-out texts "
-                   f"(mean -{results['relative_reduction']['density']:.0%})", fontsize=10)
+    loss_on = density_loss_on(results["deft_config"])
+    left.set_title(f"MLP activation density per layer, {results['held_out_texts']} held-out texts (mean change "
+                   f"{signed_percent(-results['relative_reduction']['density'])})"
+                   + ("" if loss_on else "\nthe paper's metric; this DEFT run trained no density loss"), fontsize=10)
     left.legend(loc="lower left", fontsize=8)
 
     steps = [h["step"] for h in deft["history"]]
@@ -55,13 +68,15 @@ def plot_density(results: dict, path) -> None:
     right.set_ylim(0, 1.05)
     right.set_xlabel("training step")
     right.set_ylabel("mean exact-zero density")
-    coef_axis = right.twinx()
-    coef_axis.plot(steps, [h["coef"] for h in deft["history"]], color="#1b9e77", lw=1, label="density weight (coef)")
-    coef_axis.set_ylabel("density weight (coef)", color="#1b9e77")
-    coef_axis.set_ylim(bottom=0)
-    handles = right.get_legend_handles_labels()[0] + coef_axis.get_legend_handles_labels()[0]
+    handles = right.get_legend_handles_labels()[0]
+    if any(h.get("coef", 0) > 0 for h in deft["history"]):  # no empty axis for a run without the density loss
+        coef_axis = right.twinx()
+        coef_axis.plot(steps, [h["coef"] for h in deft["history"]], color="#1b9e77", lw=1,
+                       label="density weight (coef)")
+        coef_axis.set_ylabel("density weight (coef)", color="#1b9e77")
+        coef_axis.set_ylim(bottom=0)
+        handles += coef_axis.get_legend_handles_labels()[0]
     right.legend(handles, [h.get_label() for h in handles], loc="lower left", fontsize=8)
-    right.set_title("DEFT during training", fontsize=10)
+    right.set_title("DEFT during training" + ("" if loss_on else " (set-point, no density loss)"), fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig

@@ -6,7 +6,10 @@ from dataclasses import dataclass, field
 
 from deft_common import DeftConfig
 
+from ..checks import DeftArgumentError, check_device, number, whole
+
 DEFAULT_TARGETS = ["query", "value", "dense"]
+CALIBRATION_TEXTS = 200  # training texts the frontier's thresholds are calibrated on, unless told otherwise
 ADA_SKIP_BUDGET = 0.5  # `deft demo --adaptive`: skip half of the MLP blocks unless told otherwise
 # ADA-DEFT learns which blocks the density loss presses on, so `--adaptive` trains the paper's loss, steered to this
 # density (the demo's default before the set-point), and no set-point, unless --coef / --target-density say otherwise.
@@ -54,8 +57,48 @@ class DemoSettings:
     mlp_bias_lr: float = 0.05  # > 0: also train the MLP up-projection biases, with this learning rate
     device: str = "auto"
     threshold: float = 1e-3  # τ of the reported thresholded density |a| > τ
-    calibration_texts: int = 200  # training texts the frontier's thresholds are calibrated on
+    # training texts the frontier's thresholds are calibrated on; None: CALIBRATION_TEXTS, or all of them when
+    # there are fewer (prepare() sets the number used); a number larger than the training set is refused
+    calibration_texts: int | None = None
     deft: DeftConfig = field(default_factory=lambda: demo_deft_config(300))
+
+    def check(self) -> None:
+        """Every setting but `deft` (a DeftConfig checks itself) and `model`/`data` (prepare() checks them),
+        before anything loads: a DeftArgumentError that names the `deft demo` flag and the fix."""
+        for name, minimum in (("steps", 1), ("batch_size", 1), ("max_length", 1), ("lora_r", 1), ("lora_alpha", 1),
+                              ("train_size", 1), ("eval_size", 1), ("seed", 0)):
+            whole(_flag(name), getattr(self, name), minimum)
+        if self.calibration_texts is not None:
+            whole(_flag("calibration_texts"), self.calibration_texts, 1)
+            if self.calibration_texts > self.train_size:
+                raise DeftArgumentError(
+                    f"--calibration-texts {self.calibration_texts} is more than the {self.train_size} training texts "
+                    f"(--train-size); calibrate on at most {self.train_size}, or raise --train-size")
+        number("--lr", self.learning_rate, minimum=0.0, strict=True, fix="e.g. 5e-4")
+        if self.head_lr is not None:
+            number("--head-lr", self.head_lr, minimum=0.0, strict=True, fix="leave it out to use --lr")
+        number("--mlp-bias-lr", self.mlp_bias_lr, minimum=0.0, fix="0 trains LoRA only")
+        number("--threshold", self.threshold, minimum=0.0, fix="0 counts exact non-zeros; the default is 1e-3")
+        if self.lora_targets != "all-linear" and not (isinstance(self.lora_targets, list) and self.lora_targets):
+            raise DeftArgumentError("--lora-targets names no module; give comma-separated "
+                                    "module names (e.g. query,value,dense) or all-linear")
+        check_device(self.device)
+
+
+def _flag(name: str) -> str:
+    return {"learning_rate": "--lr"}.get(name, f"--{name.replace('_', '-')}")
+
+
+def calibration_count(settings: DemoSettings, n_train: int) -> int:
+    """How many of the n_train training texts the frontier calibrates on: settings.calibration_texts, by default
+    CALIBRATION_TEXTS or all when there are fewer; more than there are is refused (never silently fewer)."""
+    if settings.calibration_texts is None:
+        return min(CALIBRATION_TEXTS, n_train)
+    if settings.calibration_texts > n_train:
+        raise DeftArgumentError(
+            f"--calibration-texts {settings.calibration_texts}: the data gives only {n_train} training texts; "
+            f"calibrate on at most {n_train} (or leave --calibration-texts out: up to {CALIBRATION_TEXTS})")
+    return settings.calibration_texts
 
 
 def resolve_device(device: str) -> str:
