@@ -401,3 +401,37 @@ def test_third_party_messages_are_silenced_one_by_one():
     shown = [str(w.message) for w in seen]
     assert shown[0] == "another FutureWarning" and len(shown) == 2 and "is_gradient_checkpointing" in shown[1]
     assert records == ["another DeepSpeed message", "Setting accelerator to CPU. again"]
+
+
+# ---------------------------------------------------------------------------------------- README, examples
+def test_readme_shows_the_report_of_its_demo_run():
+    """The README's demo output is what `format_report` prints for docs/demo_results.json (less the line that
+    says how peak memory is measured, which the README explains in prose)."""
+    from deft_cli.demo import format_report
+
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("```text\nAccuracy-sparsity frontier") + len("```text\n")
+    shown = readme[start:readme.index("```", start)].rstrip("\n")
+    report = "\n".join(line for line in format_report(demo_results()).splitlines()
+                       if not line.startswith("peak memory: "))
+    assert shown == report
+
+
+def test_readme_and_examples_agree_on_the_tiny_model():
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    assert "The tiny model the Python examples below use: `python examples/make_tiny_model.py --family opt`" in readme
+    for script in ("hf_trainer.py", "trl_sft.py", "deepspeed_loop.py"):
+        assert "python examples/make_tiny_model.py --family opt" in (ROOT / "examples" / script).read_text(), script
+    axolotl = (ROOT / "examples" / "axolotl" / "deft_lora.yml").read_text()
+    assert re.search(r"python examples/make_tiny_model.py +#", axolotl)  # the default family
+    assert 'default="llama"' in (ROOT / "examples" / "make_tiny_model.py").read_text()
+    assert "The Axolotl example uses the script's default, a\ntiny Llama" in readme
+
+
+def test_demo_help_names_every_file_it_writes(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--out DIR where to write results.json, density.png and frontier.png" in help_text
