@@ -104,6 +104,7 @@ BENCH_ERRORS = [
     (["--eps", 0], "--eps 0.0 must be a finite number > 0"),
     (["--eval-size", 0], "--eval-size 0 must be a whole number >= 1"),
     (["--device", "tpu"], "--device 'tpu' is not a device"),
+    (["--skip-budget", 0], "--skip-budget 0.0 must be a fraction in (0, 1)"),
 ]
 
 

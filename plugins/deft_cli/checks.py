@@ -125,4 +125,6 @@ def config_error_with_flags(err: DeftError) -> DeftArgumentError:
     """A DeftConfigError about the fields given as command-line flags (--<field-name>), with the flags named:
     "DeftConfig.coef=-1.0 must be >= 0" -> "--coef -1.0 must be >= 0"."""
     message = _FIELD.sub(lambda m: f"--{m.group(1).replace('_', '-')} ", str(err))
-    return DeftArgumentError(re.sub(r"DeftConfig\.([a-z_]+)", lambda m: f"--{m.group(1).replace('_', '-')}", message))
+    message = re.sub(r"DeftConfig\.([a-z_]+)", lambda m: f"--{m.group(1).replace('_', '-')}", message)
+    message = re.sub(r"^(DeftConfig: )?skip (budget|threshold) ", lambda m: f"--skip-{m.group(2)} ", message)
+    return DeftArgumentError(message)
