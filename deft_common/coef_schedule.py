@@ -109,7 +109,7 @@ class CoefSchedule:
     @property
     def measures_only(self) -> bool:
         """coef=0 without a target: the density is measured, nothing is added to the loss."""
-        return self.controller is None and self.config.coef == 0
+        return self.config.measures_only
 
     def coef(self, step: int) -> float:
         if self.controller is None:

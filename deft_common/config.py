@@ -180,6 +180,11 @@ class DeftConfig:
                                       "sparsity_setpoint too (e.g. 0.99)")
 
     @property
+    def measures_only(self) -> bool:
+        """coef 0 without a target density: the density is measured, no density term is added to the loss."""
+        return self.coef == 0 and self.target_density is None
+
+    @property
     def thresholds_sparsity(self) -> float | None:
         """The sparsity of the inference thresholds written when training ends: inference_sparsity, else the
         training set-point (so the model saved is the one trained), else None (none written)."""

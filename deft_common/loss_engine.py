@@ -42,7 +42,7 @@ class DensityLossEngine:
         # The set-point and the tracker are stages of one capture (deft_common.capture): the tracker always
         # measures the activations the set-point left, whichever is built first.
         self.setpoint = SparsitySetpoint.from_config(model, config) if isinstance(config, DeftConfig) else None
-        self.tracker = DensityTracker(model, config)
+        self.tracker = self._tracker(model, config)
         self.config = self.tracker.config
         self.device = torch.device(device) if device is not None else device_of(model)
         self.coef_schedule = CoefSchedule(self.config, len(self.tracker.sites), self.device)
@@ -59,9 +59,15 @@ class DensityLossEngine:
                 self.setpoint.remove()
                 self.setpoint = SparsitySetpoint.from_config(model, self.config)
                 self.setpoint.step(step)
-            self.tracker = DensityTracker(model, self.config)
+            self.tracker = self._tracker(model, self.config)
             self._windows = dict.fromkeys(MODES)  # other blocks, other per-block keys
         return self.tracker
+
+    @staticmethod
+    def _tracker(model: nn.Module, config) -> DensityTracker:
+        # Measuring only (coef 0, e.g. the set-point alone): the tracker counts and skips the density loss's work.
+        measures_only = isinstance(config, DeftConfig) and config.measures_only and not config.adaptive
+        return DensityTracker(model, config, density_loss=not measures_only)
 
     def recording(self, inputs, step: int | None = None) -> AbstractContextManager:
         """Record the forward of the model-input batch `inputs` (its attention and decoder masks). `step`: the

@@ -63,6 +63,21 @@ def surrogate_stats(
     return ssum, active
 
 
+@torch.no_grad()
+def count_active(a: torch.Tensor, pad_rows: torch.Tensor | None, thresholds: tuple[float, ...]) -> torch.Tensor:
+    """For each threshold τ the number of entries with |a| > τ in real rows (int64 vector), without the surrogate:
+    one count per threshold (τ = 0 counts the non-zeros in place, without a temporary)."""
+    a = a.reshape(-1, a.shape[-1])
+
+    def counts(x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.count_nonzero(x if tau == 0.0 else x.abs() > tau) for tau in thresholds])
+
+    active = counts(a)
+    if pad_rows is not None:
+        active -= counts(a[pad_rows])
+    return active
+
+
 def add_surrogate_grad(
     grad: torch.Tensor, a: torch.Tensor, scale: torch.Tensor, pad_rows: torch.Tensor | None, eps: float
 ) -> torch.Tensor:

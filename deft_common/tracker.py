@@ -29,7 +29,7 @@ from .checkpointing import REENTRANT_FIX, check_checkpointing
 from .config import DeftConfig
 from .distributed import is_distributed, sum_over_processes
 from .errors import DeftCheckpointingError, DeftConfigError
-from .surrogate import density_tap
+from .surrogate import count_active, density_tap
 
 @dataclass
 class _LayerRecord:
@@ -39,7 +39,9 @@ class _LayerRecord:
 
 
 class DensityTracker:
-    def __init__(self, model: nn.Module, config: DeftConfig | None = None):
+    def __init__(self, model: nn.Module, config: DeftConfig | None = None, density_loss: bool = True):
+        """density_loss=False: only count the active entries (density()); density_loss() is then 0 and training
+        forwards cost one count per block (what DensityLossEngine does when coef is 0)."""
         self.config = config if config is not None else DeftConfig()
         if not isinstance(self.config, DeftConfig):
             raise DeftConfigError(f"DensityTracker needs a deft_common.DeftConfig, got {type(self.config).__name__}")
@@ -50,6 +52,7 @@ class DensityTracker:
         self._recording = False
         self._grad_expected = False
         self._records: dict[str, _LayerRecord] = {}
+        self._density_loss = density_loss
         # ADA-DEFT: the learnable per-layer weights live on the model (see deft_common.adaptive_weights).
         self.adaptive = attach_layer_weights(model, self.config, self.sites) if self.config.adaptive else None
         self._capture = ActivationCapture.of(model)
@@ -69,11 +72,14 @@ class DensityTracker:
         recording = self._recording and not in_backward()
         if recording and self._grad_expected and not torch.is_grad_enabled():
             recording = False  # a no-grad forward inside a training step (e.g. TRL's metrics-only pass): not the loss
-        training_graph = torch.is_grad_enabled() and a.requires_grad
+        training_graph = torch.is_grad_enabled() and a.requires_grad and self._density_loss
         if not recording and not training_graph:
-            return None  # inference, eval, generate(): no work, nothing kept
+            return None  # inference, eval, generate(), or counting only outside record(): no work, nothing kept
         pad_rows, real_rows = self._capture.pad_rows(site, a) if recording else (None, 0)
-        routed, ssum, active = density_tap(a, pad_rows, self.config.eps, self.thresholds)
+        if self._density_loss:
+            routed, ssum, active = density_tap(a, pad_rows, self.config.eps, self.thresholds)
+        else:
+            routed, ssum, active = None, torch.zeros((), device=a.device), count_active(a, pad_rows, self.thresholds)
         if recording:
             rec = self._records.setdefault(site.name, _LayerRecord())
             rec.surrogate_sum = rec.surrogate_sum + ssum

@@ -296,3 +296,25 @@ def test_bf16_autocast_keeps_the_density_term_in_fp32_and_the_setpoint_on_target
     assert engine.tracker.mean_density(0.0) == pytest.approx(0.1, abs=0.02)  # what the rest of the model saw
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     engine.remove()
+
+
+def test_setpoint_alone_only_counts_the_density():
+    """coef 0 (the demo's set-point alone): the engine's tracker counts active entries and computes no density loss
+    (no surrogate in the graph), and reports the same density as a tracker that computes it."""
+    from deft_common import DensityLossEngine, DensityTracker
+
+    model = make_model("llama")
+    batch = make_batch("llama", batch_size=4, seq_len=16)
+    engine = DensityLossEngine(model, DeftConfig(coef=0.0, sparsity_setpoint=0.9))
+    full = DensityTracker(model, DeftConfig(coef=1.0))
+    seen, handles = _watch(model, batch)
+    with engine.recording(batch, 0), full.record(**full.masks_for(batch)):
+        loss = model(**batch).loss + engine.term(0)
+    assert float(engine.term(0)) == 0.0 and not engine.term(0).requires_grad
+    assert engine.tracker.density(0.0) == pytest.approx(full.density(0.0))
+    assert engine.tracker.mean_density(0.0) == pytest.approx(_density(seen), abs=1e-6)
+    loss.backward()
+    for h in handles:
+        h.remove()
+    full.remove()
+    engine.remove()
