@@ -37,13 +37,15 @@ def test_bench_end_to_end(bert_dir, tmp_path, capsys):  # noqa: F811
                    "--ada-steps", 6, "--skip-budget", 1, "--device", "cpu", *TINY_JOB) == 0
     printed = capsys.readouterr().out
     assert "naive DEFT" in printed and "ADA-DEFT inference" in printed and "Targets" in printed
+    assert "set-point alone" in printed and "setpoint_time_ratio" in printed
 
     results = json.loads((out / "bench.json").read_text())
-    for key in ("time_ratio", "memory_ratio", "naive_time_ratio", "naive_memory_ratio"):
+    for key in ("time_ratio", "memory_ratio", "naive_time_ratio", "naive_memory_ratio", "setpoint_time_ratio",
+                "setpoint_memory_ratio", "setpoint_step_memory_ratio"):
         assert math.isfinite(results[key]) and results[key] > 0, key
     for key in ("ada_runtime_saving", "ada_memory_saving", "ada_accuracy_delta", "ada_accuracy_delta_vs_peft"):
         assert math.isfinite(results[key]) and -1 < results[key] < 1, key
-    for name in ("peft", "deft", "naive"):
+    for name in ("peft", "deft", "naive", "setpoint"):
         run = results["training"][name]
         assert len(run["step_s_all"]) == 2 and run["step_s"] > 0 and run["memory_mb"] > run["resident_mb"] > 0
     # the naive variant keeps extra activation-sized tensors: its step allocates more than deft_common's
@@ -52,7 +54,8 @@ def test_bench_end_to_end(bert_dir, tmp_path, capsys):  # noqa: F811
     assert results["ada"]["parameters_skipped"] < results["ada"]["parameters_unskipped"]
     assert results["ada_memory_saving"] > 0  # the skipped block's weights are gone
     assert "cpu" in results["device"] and "allocator" in results["measured"]["memory"]
-    assert set(results["targets"]) >= {"time_ratio", "memory_ratio", "ada_accuracy_delta"}
+    assert set(results["targets"]) >= {"time_ratio", "memory_ratio", "setpoint_time_ratio", "ada_accuracy_delta"}
+    assert "0.995" in results["measured"]["setpoint"]
 
 
 def test_bench_bad_input(bert_dir, tmp_path, capsys):  # noqa: F811

@@ -1,13 +1,14 @@
 """`deft bench`: what DEFT costs in training, and what ADA-DEFT saves at inference, measured on the demo's job.
 
-1. Training: plain PEFT, DEFT through deft_common (DensityTracker, fused surrogate), and a naive DEFT written the
+1. Training: plain PEFT, DEFT through deft_common (DensityTracker, fused surrogate), a naive DEFT written the
    way the paper's code does it (forward hooks that keep every activation tensor in a list, the loss computed
-   after the forward with eager ops a²/(a²+ε) and means) train the same LoRA model from the same initialisation
-   on the same batches, in one fresh process. Their steps are interleaved (every step, each variant trains on the
+   after the forward with eager ops a²/(a²+ε) and means), and the demo's sparsity set-point alone (every step
+   masked at the set-point, no density loss) train the same LoRA model from the same initialisation on the same
+   batches, in one fresh process. Their steps are interleaved (every step, each variant trains on the
    same batch, in rotating order), warm-up steps are dropped; a time ratio is the median over steps of the
    per-step ratio (the two steps ran back to back), with a bootstrap 95% interval. Memory is the
    peak of torch's allocator during a step plus the model's parameters, buffers and optimizer state
-   (deft_cli.measure); the three models share the process, but each one's peak is measured on its own step.
+   (deft_cli.measure); the models share the process, but each one's peak is measured on its own step.
    The naive loss masks padding like deft_common does, so both compute the same number (tested).
 2. ADA-DEFT: the demo's DEFT run with DeftConfig(adaptive=True) in a fresh process; the blocks its weights
    choose are skipped, and the skipped and unskipped models are compared on held-out texts: accuracy, forward
@@ -31,15 +32,15 @@ from deft_common import DeftConfig, DeftConfigError, DensityLossEngine, DensityT
 
 from .checks import check_device, check_output_dir, config_error_with_flags, number, whole, write_text
 from .data import check_model_dir, default_model_dir, reports_errors
-from .demo import (ADA_SKIP_BUDGET, ADA_TARGET_DENSITY, DemoSettings, batches, encode, make_optimizer,
+from .demo import (ADA_SKIP_BUDGET, ADA_TARGET_DENSITY, DEMO_SETPOINT, DemoSettings, batches, encode, make_optimizer,
                    optimizer_step, parse_skip_budget, prepare, resolve_device, seeded_classifier, step_loss,
                    train_runs)
 from .measure import cpu_name, median, memory_kind, paired_ratio, peak_increase_bytes, resident_bytes, rotated, timed
 from .processes import in_subprocess
 
-VARIANTS = ("peft", "deft", "naive")
-TARGETS = {  # issue 5; paper anchor for ADA-DEFT: Flan-T5-XL, -8.79% runtime, -17.46% memory
-    "time_ratio": ("<=", 1.05), "memory_ratio": ("<=", 1.03),
+VARIANTS = ("peft", "deft", "naive", "setpoint")
+TARGETS = {  # issue 5 (and 24: the set-point); paper anchor for ADA-DEFT: Flan-T5-XL, -8.79% runtime, -17.46% memory
+    "time_ratio": ("<=", 1.05), "memory_ratio": ("<=", 1.03), "setpoint_time_ratio": ("<=", 1.05),
     "ada_runtime_saving": (">", 0.0879), "ada_memory_saving": (">", 0.1746), "ada_accuracy_delta": (">=", -0.01),
     "ada_accuracy_delta_vs_peft": (">=", -0.01),
 }
@@ -111,8 +112,18 @@ class NaiveDeft:
 
 
 # ------------------------------------------------------------------------------------------------ training
+def _variant_config(name: str, eps: float) -> DeftConfig | None:
+    """The DEFT settings of a variant: the paper's loss (a fixed coef 1: the step does not matter), or the demo's
+    set-point alone with every step masked at it (no ramp, no dense steps); None for PEFT and the naive DEFT."""
+    if name == "deft":
+        return DeftConfig(coef=1.0, eps=eps)
+    if name == "setpoint":
+        return DeftConfig(coef=0.0, sparsity_setpoint=DEMO_SETPOINT)
+    return None
+
+
 class _Variant:
-    """One of the three ways to train: its own copy of the model (same initialisation) and optimizer."""
+    """One of the ways to train: its own copy of the model (same initialisation) and optimizer."""
 
     def __init__(self, name: str, settings: DemoSettings, num_labels: int, eps: float, device: str):
         self.name = name
@@ -120,11 +131,12 @@ class _Variant:
         self.tokenizer, self.model = seeded_classifier(settings, num_labels)
         self.model.to(device).train()
         self.optimizer = make_optimizer(self.model, settings.learning_rate)
-        self.engine = DensityLossEngine(self.model.body, DeftConfig(coef=1.0, eps=eps)) if name == "deft" else None
+        config = _variant_config(name, eps)
+        self.engine = DensityLossEngine(self.model.body, config) if config is not None else None
         self.naive = NaiveDeft(self.model.body, eps) if name == "naive" else None
 
     def loss(self, batch: dict) -> torch.Tensor:
-        loss, _ = step_loss(self.model, batch, self.engine)  # the demo's step; a fixed coef 1: the step does not matter
+        loss, _ = step_loss(self.model, batch, self.engine)  # the demo's step
         return loss if self.naive is None else loss + self.naive.loss(batch["attention_mask"])
 
     def step(self, batch: dict) -> None:
@@ -132,7 +144,7 @@ class _Variant:
 
 
 def measure_training(settings: BenchSettings, train: list[dict], num_labels: int) -> dict:
-    """Step time and peak memory of the three variants, interleaved on the same batches (one process)."""
+    """Step time and peak memory of the variants, interleaved on the same batches (one process)."""
     from tqdm.auto import tqdm
 
     device = resolve_device(settings.device)
@@ -145,7 +157,7 @@ def measure_training(settings: BenchSettings, train: list[dict], num_labels: int
                          order, settings.batch_size, device))
     times = {v.name: [] for v in variants}
     total = settings.warmup + settings.steps
-    for step in tqdm(range(total), desc="training steps (PEFT, DEFT, naive DEFT)", unit="step", dynamic_ncols=True):
+    for step in tqdm(range(total), desc="training steps (PEFT, DEFT, naive DEFT, set-point)", unit="step", dynamic_ncols=True):
         for variant in rotated(variants, step):  # rotate who goes first
             seconds = timed(lambda: variant.step(steps[step]), device)
             if step >= settings.warmup:
@@ -203,6 +215,7 @@ def run_bench(settings: BenchSettings) -> dict:
     peft = training["peft"]
     time_ratio, time_low, time_high = paired_ratio(training["deft"]["step_s_all"], peft["step_s_all"])
     naive_ratio, naive_low, naive_high = paired_ratio(training["naive"]["step_s_all"], peft["step_s_all"])
+    setpoint_ratio, setpoint_low, setpoint_high = paired_ratio(training["setpoint"]["step_s_all"], peft["step_s_all"])
     results = {
         "device": describe_device(device),
         "torch": torch.__version__,
@@ -216,15 +229,21 @@ def run_bench(settings: BenchSettings) -> dict:
         "naive_time_ratio": naive_ratio,
         "naive_time_ratio_ci95": [naive_low, naive_high],
         "naive_memory_ratio": training["naive"]["memory_mb"] / peft["memory_mb"],
+        "setpoint_time_ratio": setpoint_ratio,
+        "setpoint_time_ratio_ci95": [setpoint_low, setpoint_high],
+        "setpoint_memory_ratio": training["setpoint"]["memory_mb"] / peft["memory_mb"],
         "step_memory_ratio": _ratio(training["deft"]["step_peak_increase_mb"], peft["step_peak_increase_mb"]),
         "naive_step_memory_ratio": _ratio(training["naive"]["step_peak_increase_mb"], peft["step_peak_increase_mb"]),
+        "setpoint_step_memory_ratio": _ratio(training["setpoint"]["step_peak_increase_mb"],
+                                             peft["step_peak_increase_mb"]),
         "measured": {
             "time": f"training step (forward, loss, backward, AdamW step), {settings.steps} steps after "
-                    f"{settings.warmup} warm-up steps, the three variants interleaved on the same batches of "
+                    f"{settings.warmup} warm-up steps, the variants interleaved on the same batches of "
                     f"{settings.batch_size} texts x <= {settings.max_length} tokens; ratios: median over steps of "
                     "the per-step ratio to PEFT's step on the same batch, with a bootstrap 95% interval",
             "memory": memory_kind(device) + "; one training step each, same batch",
             "step_memory_ratio": "the same, without the resident part: only what a training step allocates",
+            "setpoint": f"the demo's set-point alone: every step masked at sparsity {DEMO_SETPOINT:g}, no density loss",
         },
     }
     if settings.ada_steps:
@@ -271,7 +290,8 @@ def report(results: dict) -> str:
     lines = [f"Training step on {results['device']} (median step time; time ratio: median per-step ratio to PEFT "
              f"[95% interval]; memory: {results['measured']['memory']})",
              f"{'':22}{'step (ms)':>11}{'memory (MB)':>13}{'step alloc (MB)':>17}{'time ratio':>24}{'memory ratio':>14}"]
-    for name, label, prefix in (("peft", "PEFT", None), ("deft", "DEFT (deft_common)", ""), ("naive", "naive DEFT", "naive_")):
+    for name, label, prefix in (("peft", "PEFT", None), ("deft", "DEFT (deft_common)", ""), ("naive", "naive DEFT", "naive_"),
+                                ("setpoint", "set-point alone", "setpoint_")):
         v = t[name]
         ratio = "1.000" if prefix is None else (
             f"{results[prefix + 'time_ratio']:.3f} [{results[prefix + 'time_ratio_ci95'][0]:.3f}, "
