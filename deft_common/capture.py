@@ -200,6 +200,7 @@ class ActivationCapture:
         self._hooks = _Hooks()
         self._read: dict[str, torch.Tensor | None] = {}  # masks of the latest forward, read from its arguments
         self._pinned: dict[str, torch.Tensor | None] | None = None  # masks an owner gave explicitly
+        self._pinned_pads: dict[str, tuple[torch.Tensor, torch.Size]] = {}  # their padding positions, per stack
         self._rows: dict[tuple, _RealRows] = {}  # real rows per (stack, shape, device) for the current masks
 
     @classmethod
@@ -289,9 +290,15 @@ class ActivationCapture:
 
     def pin_masks(self, masks: dict[str, torch.Tensor | None] | None) -> None:
         """Use these {"encoder", "decoder"} masks for every forward until `pin_masks(None)` (instead of the ones read
-        from the forward's arguments)."""
+        from the forward's arguments). Their padding positions are found here, once, before the forwards: reading
+        them back to the host inside a forward would stall a GPU and break a torch.compile graph at every block."""
         self._pinned = masks
         self._rows = {}
+        self._pinned_pads = {}
+        for stack, mask in (masks or {}).items():
+            if mask is not None:
+                pad = torch.nonzero(mask.reshape(-1) == 0).flatten()
+                self._pinned_pads[stack] = (pad, mask.shape)
 
     @property
     def masks(self) -> dict[str, torch.Tensor | None]:
@@ -316,11 +323,19 @@ class ActivationCapture:
 
     def pad_rows(self, site: MlpSite, a: torch.Tensor) -> tuple[torch.Tensor | None, int]:
         """(indices of the padding rows of a.reshape(-1, hidden), None if there are none; number of real rows).
-        Finding the indices reads the mask back to the host, once per shape and forward."""
-        rows = self._real(site, a)
+        With pinned masks the indices come from their padding positions (found in pin_masks), shifted past PEFT's
+        virtual tokens; otherwise they are read back to the host, once per shape and forward."""
+        rows = self._real(site, a)  # also checks that the mask fits the activation
         if rows is None:
             return None, a.numel() // a.shape[-1]
         if rows.count is None:
-            pad = torch.nonzero(~rows.real).flatten()
+            stack = "decoder" if (self.is_encoder_decoder and site.stack == "decoder") else "encoder"
+            pinned = self._pinned_pads.get(stack) if self._pinned is not None else None
+            if pinned is not None:
+                pad, (batch, length) = pinned
+                extra = rows.real.numel() // batch - length  # virtual tokens ahead of every row
+                pad = pad + (pad // length + 1) * extra if extra else pad
+            else:
+                pad = torch.nonzero(~rows.real).flatten()
             rows.pad_rows, rows.count = (pad if pad.numel() else None), rows.real.numel() - pad.numel()
         return rows.pad_rows, rows.count

@@ -88,3 +88,45 @@ def test_stages_run_in_the_fixed_order_on_what_the_stage_before_returned():
         handle.remove()
     with pytest.raises(ValueError, match="stage 'late' is unknown"):
         capture.add("late", sites, "act", lambda site, a: None)
+
+
+def _llama(layers: int):
+    import transformers
+
+    from fixtures import make_config
+
+    config = make_config("llama")
+    config.num_hidden_layers = layers
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def _graph_breaks(model, batch) -> int:
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    return torch._dynamo.explain(model)(**batch).graph_break_count
+
+
+def test_no_graph_break_per_block_under_torch_compile():
+    """torch.compile traces the stages: the tracker recording (its padding rows found when record() starts), the
+    set-point and applied thresholds add no graph break at all; the loss hook's two top-level hooks add a fixed
+    number, the same for 2 and 4 blocks."""
+    from deft_common import DensityLossHook
+
+    batch = make_batch("llama", batch_size=2, seq_len=8)  # padded
+    hook_breaks = {}
+    for layers in (2, 4):
+        model = _llama(layers).train()
+        assert _graph_breaks(model, batch) == 0
+        tracker, setpoint = DensityTracker(model, DeftConfig()), SparsitySetpoint(model, sparsity=0.9)
+        with tracker.record(**tracker.masks_for(batch)):
+            assert _graph_breaks(model, batch) == 0
+        tracker.remove()
+        setpoint.remove()
+        with apply_thresholds(model.eval(), calibrate_thresholds(model, [batch], sparsity=0.5)):
+            assert _graph_breaks(model, batch) == 0
+        hook = DensityLossHook(model.train(), DeftConfig(coef=1.0, sparsity_setpoint=0.9))
+        hook_breaks[layers] = _graph_breaks(model, batch)
+        hook.remove()
+    assert hook_breaks[2] == hook_breaks[4] <= 2
