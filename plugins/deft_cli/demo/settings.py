@@ -89,6 +89,56 @@ def _flag(name: str) -> str:
     return {"learning_rate": "--lr"}.get(name, f"--{name.replace('_', '-')}")
 
 
+# ------------------------------------------------------------------------------------ `deft demo --job lm`
+JOBS = ("classify", "lm")  # `deft demo --job`: the MiniLM classification demo (the default), the causal-LM SFT job
+LM_CAPTURES = ("act", "down_in")  # the frontier and the decode timing cover both capture points
+LM_CAPTURE = "act"  # the DEFT run's capture point: the gate side, where the gated sparse kernel skips the most bytes
+# The DEFT run's set-point in the LM job: the classification demo's recipe (no density loss, ramp over 60% of the
+# steps, 1 step in 3 dense) at a sparsity inside the LM frontier's grid (0.3 ... 0.9). Not tuned: change it here or
+# with --sparsity-setpoint.
+LM_SETPOINT = 0.7
+LM_CALIBRATION_TEXTS = 32  # training texts the LM frontier's thresholds are calibrated on, unless told otherwise
+LM_PROMPTS = {1: "Write a positive movie review.", 0: "Write a negative movie review."}  # IMDB label -> prompt
+
+
+def lm_deft_config(steps: int, **fields) -> DeftConfig:
+    """The LM job's DEFT settings: demo_deft_config with the set-point LM_SETPOINT at LM_CAPTURE; `fields` change
+    them (sparsity_setpoint None: no set-point)."""
+    return demo_deft_config(steps, **({"sparsity_setpoint": LM_SETPOINT, "capture": LM_CAPTURE} | fields))
+
+
+@dataclass
+class LmSettings(DemoSettings):
+    """`deft demo --job lm`: supervised fine-tuning of a causal LM with LoRA through TRL's SFTTrainer, plain (PEFT)
+    and with DeftSFTMixin (DEFT), loss on the completions only. The DemoSettings fields mean the same (texts are
+    prompt -> completion pairs; max_length counts prompt and completion tokens); head_lr, mlp_bias_lr and threshold
+    are not used. model None: SmolLM2-135M-Instruct (deft_cli.lm_model); data None: the IMDB reviews as
+    "Write a positive/negative movie review." -> the review."""
+
+    steps: int = 80
+    batch_size: int = 4
+    max_length: int = 128
+    lora_targets: list[str] | str = "all-linear"  # every linear layer but the LM head (Llama: all seven projections)
+    train_size: int = 320
+    eval_size: int = 32
+    mlp_bias_lr: float = 0.0
+    decode_tokens: int = 32  # new tokens per timed greedy generate()
+    decode_rounds: int = 3  # timed rounds of dense, mask and sparse, interleaved (after one warm-up round)
+    deft: DeftConfig = field(default_factory=lambda: lm_deft_config(80))
+
+    def check(self) -> None:
+        super().check()
+        whole("LmSettings.decode_tokens", self.decode_tokens, 1)
+        whole("LmSettings.decode_rounds", self.decode_rounds, 1)
+
+
+def lm_calibration_count(settings: LmSettings, n_train: int) -> int:
+    """calibration_count with the LM job's default: LM_CALIBRATION_TEXTS, or all training texts when fewer."""
+    if settings.calibration_texts is None:
+        return min(LM_CALIBRATION_TEXTS, n_train)
+    return calibration_count(settings, n_train)
+
+
 def calibration_count(settings: DemoSettings, n_train: int) -> int:
     """How many of the n_train training texts the frontier calibrates on: settings.calibration_texts, by default
     CALIBRATION_TEXTS or all when there are fewer; more than there are is refused (never silently fewer)."""
