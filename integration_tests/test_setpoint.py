@@ -232,7 +232,7 @@ def test_no_host_read_in_the_forward_off_cpu():
     setpoint = SparsitySetpoint(model, sparsity=0.9)
     site = setpoint.sites[0]
     mask = torch.ones(16, 128, dtype=torch.long, device="meta")
-    setpoint._capture.pin_masks({"encoder": mask, "decoder": mask})
+    setpoint._capture._read = {"encoder": mask, "decoder": mask}  # as read from a forward's attention_mask
     for shape in [(16, 128, 64), (16, 128, 1536)]:  # every entry counted, and a sample
         a = torch.empty(*shape, device="meta", requires_grad=True)
         assert setpoint._mask(site, a, 0.9).shape == a.shape
@@ -318,3 +318,23 @@ def test_setpoint_alone_only_counts_the_density():
         h.remove()
     full.remove()
     engine.remove()
+
+
+def test_the_mask_keeps_no_copy_of_the_activation_for_backward():
+    """The mask's backward reads its own output (which the down-projection keeps anyway): the activation it masked
+    is freed once the forward is done, so the set-point adds no activation-sized tensor per block to training."""
+    import gc
+    import weakref
+
+    model = make_model("bert")  # GELU: its backward keeps its input, not its output
+    batch = make_batch("bert", batch_size=4, seq_len=16)
+    refs = []
+    handles = [m.register_forward_hook(lambda _m, _a, out: refs.append(weakref.ref(out))) for m in _acts(model)]
+    setpoint = SparsitySetpoint(model, sparsity=0.9)  # its hook runs after those: they see the unmasked output
+    loss = model(**batch).loss
+    gc.collect()
+    assert refs and all(ref() is None for ref in refs)
+    loss.backward()
+    for h in handles:
+        h.remove()
+    setpoint.remove()
