@@ -43,7 +43,8 @@ from .metrics import DeftMetrics
 from .mixin import DeftTrainerMixin
 from .trainer_support import (TrainerResumeState, check_layer_weights_in_optimizer, density_term_scale,
                               disable_ignored_loss_kwargs, ensure_non_reentrant_checkpointing,
-                              save_layer_weights_with_model, save_thresholds_with_model)
+                              keep_layer_weights_out_of_ddp, save_layer_weights_with_model,
+                              save_thresholds_with_model)
 
 
 class DeftCallbackError(DeftError, RuntimeError):
@@ -86,6 +87,7 @@ class DeftCallback(TrainerCallback):
     # ------------------------------------------------------------------------------------------ events
     def on_init_end(self, args, state, control, model=None, **kwargs):
         self._bind(model)
+        keep_layer_weights_out_of_ddp(self.trainer)  # ADA-DEFT under DDP; train() wraps the model later
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._bind(model)  # again: model_init may have built a new model, or the callback came via add_callback

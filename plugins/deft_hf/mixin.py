@@ -18,7 +18,8 @@ deft/coef (see metrics.py).
 ADA-DEFT (DeftConfig(adaptive=True)): the per-layer weights are attached to the model at construction, before the
 Trainer builds its optimizer in `train()`, so they train with the model; `save_model` (also each checkpoint) writes
 them beside the saved model as deft_adaptive.json (deft_common.load_layer_weights reads them back), and the logs
-get deft/adaptive_weight/<layer>.
+get deft/adaptive_weight/<layer>. Several processes: under DDP the weights are kept out of DDP's reduction and
+averaged by a hook; under FSDP1/FSDP2 and DeepSpeed they are gathered to be saved (trainer_support.py).
 
 Inference thresholds (DeftConfig(inference_sparsity=0.9), or at sparsity_setpoint): `save_model(DIR)` (a user's
 call, not the checkpoints) calibrates them on the first `calibration_batches` training batches and writes
@@ -54,7 +55,8 @@ from deft_common.loss_engine import DensityLossEngine
 from .metrics import DeftMetrics
 from .trainer_support import (TrainerResumeState, check_layer_weights_in_optimizer, density_term_scale,
                               disable_ignored_loss_kwargs, ensure_non_reentrant_checkpointing,
-                              save_layer_weights_with_model, save_thresholds_with_model)
+                              keep_layer_weights_out_of_ddp, save_layer_weights_with_model,
+                              save_thresholds_with_model)
 
 
 class DeftTrainerMixin:
@@ -77,6 +79,7 @@ class DeftTrainerMixin:
         self.deft_metrics = DeftMetrics(self.deft_engine)                            # model in PEFT there
         self._deft_resume = TrainerResumeState(self, lambda: self.deft_coef_schedule)
         disable_ignored_loss_kwargs(self)
+        keep_layer_weights_out_of_ddp(self)  # ADA-DEFT under DDP; train() wraps the model later
         self._deft_checked_optimizer = None  # the optimizer check_layer_weights_in_optimizer last passed
 
     @property

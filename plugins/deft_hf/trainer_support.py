@@ -3,8 +3,13 @@
 After `compute_loss` returns, `Trainer.training_step` divides the loss by the number of gradient-accumulation
 micro-batches unless it counts as "already scaled for GA" (normalised by `num_items_in_batch`, the token count of
 the whole optimizer step). DEFT's density term is a per-micro-batch mean, so it must be divided by GA exactly when
-the Trainer will not do it. Then DDP/DeepSpeed average the gradients over processes, which is right for a per-process
-mean. The rules below follow transformers 5.16 (no `loss_is_scaled_for_ga`) and 5.19+ (with it).
+the Trainer will not do it. Then DDP/FSDP/DeepSpeed average the gradients over processes, which is right for a
+per-process mean (and for ADA-DEFT's weighted form, see deft_common.adaptive_weights). The rules below follow
+transformers 5.16 (no `loss_is_scaled_for_ga`) and 5.19+ (with it).
+
+Several processes, for ADA-DEFT: its layer weights are read whole through deft_common.distributed.gathered (DeepSpeed
+ZeRO-3, FSDP1, FSDP2) when saved and checkpointed, and kept out of plain DDP, which would mark them unused
+(keep_layer_weights_out_of_ddp).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from torch import nn
 from deft_common import (CoefSchedule, DeftConfigError, SparsityThresholds, base_model_of, layer_weights,
                          make_checkpointing_non_reentrant, save_inference_thresholds)
 from deft_common.adaptive_weights import save_gathered_layer_weights
-from deft_common.distributed import gathered
+from deft_common.distributed import gathered, keep_out_of_ddp
 
 logger = logging.getLogger("deft_hf")
 
@@ -158,9 +163,23 @@ def check_layer_weights_in_optimizer(trainer) -> None:
         )
 
 
+def keep_layer_weights_out_of_ddp(trainer) -> bool:
+    """ADA-DEFT under plain DDP (several processes, neither FSDP nor DeepSpeed): the layer weights are used after
+    the forward, so DDP, which the Trainer builds with find_unused_parameters=True for a PEFT model, would mark them
+    unused and fail when their gradient arrives. Keep them out of DDP, their gradient averaged by a hook
+    (deft_common.distributed.keep_out_of_ddp). Call it before `train()` wraps the model. Returns whether it did."""
+    weights = layer_weights(trainer.model)
+    if weights is None or trainer.args.world_size <= 1 or trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        return False
+    if trainer.model is not trainer.model_wrapped:
+        return False  # already wrapped (DDP built): too late to change what it reduces
+    return keep_out_of_ddp(trainer.model, weights.logits)
+
+
 def save_layer_weights_with_model(trainer, output_dir) -> None:
     """ADA-DEFT: write the layer weights beside what `trainer.save_model(output_dir)` saved (a PEFT adapter keeps
-    adapter weights only). Every process calls it: under DeepSpeed ZeRO-3 the weights are gathered first."""
+    adapter weights only). Every process calls it: under DeepSpeed ZeRO-3, FSDP1 and FSDP2 the weights are
+    gathered first (trainer.model is the FSDP-wrapped model there)."""
     if layer_weights(trainer.model) is not None:
         save_gathered_layer_weights(trainer.model, output_dir, write=trainer.args.should_save)
 
@@ -212,8 +231,8 @@ class TrainerResumeState:
         state = self._weight().state_dict()
         weights = layer_weights(self.trainer.model)
         if weights is not None:
-            with gathered(weights.logits):
-                state["adaptive_logits"] = weights.logits.detach().float().cpu().tolist()
+            with gathered(weights, "logits", self.trainer.model) as logits:  # every process calls store()
+                state["adaptive_logits"] = logits.detach().float().cpu().tolist()
         if state:
             self.trainer.state.stateful_callbacks[RESUME_STATE_KEY] = state
         self.trainer.state.deft_state_checked = True  # not a dataclass field: never written to the JSON
@@ -237,6 +256,6 @@ class TrainerResumeState:
                     f"{'none' if weights is None else len(weights.names)}; resume with the DeftConfig (adaptive=True) "
                     "and model of the saved run"
                 )
-            with gathered(weights.logits, modifier_rank=0), torch.no_grad():
-                weights.logits.copy_(torch.tensor(logits, dtype=weights.logits.dtype))
+            with gathered(weights, "logits", self.trainer.model, modifier_rank=0) as full, torch.no_grad():
+                full.copy_(torch.tensor(logits, dtype=full.dtype, device=full.device))
 
