@@ -145,3 +145,22 @@ def test_inference_thresholds_are_written_once_and_equal_a_ddp_runs(runs, single
     for name, block in ddp["thresholds"]["blocks"].items():
         assert result["thresholds"]["blocks"][name]["threshold"] == pytest.approx(block["threshold"], rel=1e-6)
     assert result["thresholds"]["tokens"] == ddp["thresholds"]["tokens"] == _reference(single, run)["thresholds"]["tokens"]
+
+
+def test_axolotl_fsdp2():
+    """Axolotl's `fsdp_version: 2` with the `deft:` block cannot run on a CPU-only torch: Axolotl 0.19.0 builds its
+    FSDP device mesh for CUDA unconditionally (axolotl.utils.distributed.build_parallelism_config calls
+    ParallelismConfig.build_device_mesh("cuda"), whose init_device_mesh calls torch.cuda.set_device), before any
+    trainer or DEFT code runs. Axolotl builds its trainer on the HF Trainer with DeftTrainerMixin (deft_axolotl),
+    which the HF FSDP2 runs above test."""
+    pytest.importorskip("axolotl", reason="Axolotl is installed only in the axolotl environment (axolotl 0.19.0)")
+    import inspect
+
+    from axolotl.utils import distributed
+
+    source = inspect.getsource(distributed)
+    if 'build_device_mesh("cuda")' in source and not torch.cuda.is_available():
+        pytest.skip("axolotl builds its FSDP device mesh for CUDA only (build_parallelism_config: "
+                    "build_device_mesh(\"cuda\") -> torch.cuda.set_device), so fsdp_version: 2 cannot run on CPU")
+    pytest.fail("this Axolotl no longer hard-codes a CUDA device mesh (or a GPU is present): add an Axolotl "
+                "fsdp_version: 2 run with the deft: block to test_fsdp.py")
