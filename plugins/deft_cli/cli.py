@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 
 from deft_common import __version__
@@ -42,7 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         # Ctrl-C: one line, not a traceback; the training subprocess is already ended (in_subprocess).
         print(f"deft {args.command}: interrupted", file=sys.stderr)
-        return INTERRUPTED
+    # The interrupted subprocess pool is garbage now: collected here, its queues release their semaphores, which
+    # multiprocessing's resource tracker would otherwise report as leaked, after that line, when this process exits.
+    gc.collect()
+    return INTERRUPTED
 
 
 if __name__ == "__main__":
