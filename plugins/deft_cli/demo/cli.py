@@ -38,7 +38,8 @@ def add_demo_command(subparsers) -> None:
                    '(default: IMDB reviews); --job lm: one {"prompt": ..., "completion": ...} per line, strings or '
                    "chat messages (default: IMDB reviews as 'Write a positive/negative movie review.' -> the review)")
     p.add_argument("--out", metavar="DIR", help="where to write results.json, density.png and frontier.png "
-                   "(default: a new ./deft-demo-<time> folder; made when the results are written)")
+                   "(default: a new ./deft-demo-<time> folder; made when the results are written); --job lm writes "
+                   "results.json and frontier.png (default folder ./deft-demo-lm-<time>)")
     p.add_argument("--steps", type=int, default=JOB_DEFAULT,
                    help=f"optimizer steps per run (default {d.steps}; --job lm: {lm.steps})")
     p.add_argument("--batch-size", type=int, default=JOB_DEFAULT,
