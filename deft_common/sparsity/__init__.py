@@ -14,7 +14,7 @@ Every piece that touches an activation is a stage of deft_common.capture.
 from .calibration import ActivationHistograms, calibrate_thresholds, measure_histograms, save_inference_thresholds
 from .masking import KERNELS, ThresholdsHandle, apply_thresholds
 from .setpoint import SetpointWarning, SparsitySetpoint
-from .sparse_mlp import SparseMlpHandle, install_sparse_mlp
+from .sparse_mlp import SparseMlpHandle, install_sparse_mlp, speedup_limit
 from .thresholds import THRESHOLDS_FILE, SparsityThresholds, ThresholdsWarning
 from .zeroing import zero_at_or_below
 
@@ -33,5 +33,6 @@ __all__ = [
     "install_sparse_mlp",
     "measure_histograms",
     "save_inference_thresholds",
+    "speedup_limit",
     "zero_at_or_below",
 ]

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from deft_common import DeftConfig, apply_thresholds, find_mlp_sites, install_sparse_mlp, measure_histograms
+from deft_common.sparsity import speedup_limit
 
 from .measure import cpu_name, interleaved, median, timed
 
@@ -100,8 +101,8 @@ def _hidden_of(block: nn.Module) -> int:
     return block.gate_proj.in_features if hasattr(block, "gate_proj") else block.intermediate.dense.in_features
 
 
-def mlp_limit(gated: bool, density: float) -> float:
-    return 3.0 / (1.0 + 2.0 * density) if gated else 2.0 / (1.0 + density)
+def mlp_limit(gated: bool, density: float, capture: str = "act") -> float:
+    return speedup_limit(gated, capture, density)
 
 
 def mlp_rows(tiny: bool, dtypes, densities, rounds: int, **rule) -> list[dict]:
@@ -162,15 +163,16 @@ def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def decode_limit(model, density: float) -> float:
+def decode_limit(model, density: float, capture: str = "act") -> float:
     """Weight bytes read per generated token, dense / sparse: everything but the input embedding (one row of it
-    is read); a gated MLP still reads its gate and the active fraction of up and down."""
+    is read); a gated MLP's share read is 1 / speedup_limit (capture "act": its gate and the active fraction of up
+    and down; "down_in": gate and up, and the active fraction of down)."""
     mlp = _bytes(p for name, p in model.named_parameters() if ".mlp." in name)
     embedding = _bytes(model.get_input_embeddings().parameters())
     total = _bytes(model.parameters()) - embedding
     if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
         total += embedding  # tied: the LM head reads it all
-    return total / (total - mlp + mlp * (1.0 + 2.0 * density) / 3.0)
+    return total / (total - mlp + mlp / speedup_limit(True, capture, density))
 
 
 def _decode_rows(tiny: bool, densities, rounds: int) -> list[dict]:
