@@ -26,7 +26,8 @@ import pathlib
 import torch
 from torch import nn
 
-from deft_common import DeftConfig, apply_thresholds, find_mlp_sites, install_sparse_mlp, measure_histograms
+from deft_common import (DeftConfig, apply_thresholds, calibrate_thresholds, find_mlp_sites, install_sparse_mlp,
+                         measure_histograms)
 from deft_common.sparsity import speedup_limit
 
 from .measure import cpu_name, interleaved, median, timed
@@ -87,14 +88,10 @@ def _mlp_block(gated: bool, hidden: int, intermediate: int, dtype) -> nn.Module:
 
 
 def _tau_for_density(block: nn.Module, site, density: float, dtype) -> float:
-    """The (1 - density) quantile of |a| over 256 random tokens (x ~ N(0, 1))."""
-    seen = []
-    hook = site.act.register_forward_hook(lambda _m, _a, out: seen.append(out.detach().abs().float().flatten()))
-    with torch.no_grad():
-        block(torch.randn(1, 256, _hidden_of(block), generator=torch.Generator().manual_seed(1)).to(dtype))
-    hook.remove()
-    values = seen[0]
-    return float(values.kthvalue(max(1, int(round((1.0 - density) * values.numel())))).values)
+    """τ calibrated as a user would (calibrate_thresholds) at sparsity 1 - density, on 256 random tokens
+    (x ~ N(0, 1)) through the block alone."""
+    x = torch.randn(1, 256, _hidden_of(block), generator=torch.Generator().manual_seed(1)).to(dtype)
+    return calibrate_thresholds(block, [{"x": x}], sparsity=1.0 - density).thresholds[site.name]
 
 
 def _hidden_of(block: nn.Module) -> int:
