@@ -147,20 +147,105 @@ def test_inference_thresholds_are_written_once_and_equal_a_ddp_runs(runs, single
     assert result["thresholds"]["tokens"] == ddp["thresholds"]["tokens"] == _reference(single, run)["thresholds"]["tokens"]
 
 
-def test_axolotl_fsdp2():
-    """Axolotl's `fsdp_version: 2` with the `deft:` block cannot run on a CPU-only torch: Axolotl 0.19.0 builds its
-    FSDP device mesh for CUDA unconditionally (axolotl.utils.distributed.build_parallelism_config calls
-    ParallelismConfig.build_device_mesh("cuda"), whose init_device_mesh calls torch.cuda.set_device), before any
-    trainer or DEFT code runs. Axolotl builds its trainer on the HF Trainer with DeftTrainerMixin (deft_axolotl),
-    which the HF FSDP2 runs above test."""
+# A second Axolotl plugin whose trainer (under DEFT's: deft_axolotl builds on it) reports, on every training step,
+# the task loss averaged over the processes as the logged loss is, and once per process what the model is wrapped in.
+OBSERVER_PLUGIN = '''
+import torch.distributed as dist
+from axolotl.core.trainers.base import AxolotlTrainer
+from axolotl.integrations.base import BasePlugin
+from torch.distributed.tensor import DTensor
+
+
+class ObserverTrainer(AxolotlTrainer):
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        out = super().compute_loss(model, inputs, *args, **kwargs)
+        if model.training:
+            task = (out[0] if isinstance(out, tuple) else out).detach().clone()
+            dist.all_reduce(task)
+            self.store_metrics({"observer/task_loss": task.item() / dist.get_world_size()})
+            if not getattr(self, "_observed", False):
+                self._observed = True
+                sharded = sum(isinstance(p, DTensor) for p in model.parameters())
+                print(f"OBSERVER rank {dist.get_rank()} of {dist.get_world_size()}: {type(model).__name__}, "
+                      f"{self.accelerator.distributed_type}, is_fsdp2 {self.accelerator.is_fsdp2}, "
+                      f"{sharded} DTensor params", flush=True)
+        return out
+
+
+class ObserverPlugin(BasePlugin):
+    def get_trainer_cls(self, cfg):
+        return ObserverTrainer
+'''
+
+
+def test_axolotl_fsdp2(tmp_path):
+    """`axolotl train` (python -m axolotl.cli.train) with `fsdp_version: 2` and the `deft:` block (density loss,
+    set-point 0.5, inference thresholds at 0.8) on 2 CPU processes (gloo), LoRA on the tiny Llama, 2 steps.
+
+    Axolotl 0.19.0 cannot run FSDP2 on a CPU-only torch by itself: axolotl_fsdp_launch.py (see its docstring) sets
+    ACCELERATE_USE_CPU (as `accelerate launch --cpu` does), wraps accelerate's AcceleratorState as fsdp_worker.py does
+    (plus PartialState's shared distributed_type, which accelerate's own optimizer wrapper reads back), and makes
+    axolotl.utils.distributed.build_parallelism_config build its device mesh for "cpu" instead of the hard-coded
+    "cuda" (whose init_device_mesh calls torch.cuda.set_device); then it runs Axolotl's CLI module unchanged.
+    Checked: the model is FSDP2-sharded on 2 processes; each step's logged loss is the task loss plus DEFT's term
+    (deft/loss, > 0), both averaged over the processes; the set-point holds the density at 0.5; the thresholds
+    are written once; the LoRA adapter is saved."""
     pytest.importorskip("axolotl", reason="Axolotl is installed only in the axolotl environment (axolotl 0.19.0)")
-    import inspect
+    import os
+    import re
 
-    from axolotl.utils import distributed
+    import yaml
+    from fixtures import save_model_dir, write_alpaca_jsonl
+    from processes import subprocess_env
+    from test_axolotl import LORA, Run, base_config
 
-    source = inspect.getsource(distributed)
-    if 'build_device_mesh("cuda")' in source and not torch.cuda.is_available():
-        pytest.skip("axolotl builds its FSDP device mesh for CUDA only (build_parallelism_config: "
-                    "build_device_mesh(\"cuda\") -> torch.cuda.set_device), so fsdp_version: 2 cannot run on CPU")
-    pytest.fail("this Axolotl no longer hard-codes a CUDA device mesh (or a GPU is present): add an Axolotl "
-                "fsdp_version: 2 run with the deft: block to test_fsdp.py")
+    from deft_common import SparsityThresholds
+
+    save_model_dir("llama", tmp_path / "model")
+    write_alpaca_jsonl(tmp_path / "alpaca.jsonl", 16)
+    (tmp_path / "observer_plugin.py").write_text(OBSERVER_PLUGIN)
+    config = {
+        **base_config(tmp_path, "fsdp2"),
+        **LORA,
+        "max_steps": 2,
+        "plugins": ["deft_axolotl.DeftPlugin", "observer_plugin.ObserverPlugin"],
+        "deft": {"coef": 1.0, "eps": 1e-3, "sparsity_setpoint": 0.5, "inference_sparsity": 0.8,
+                 "calibration_batches": 1},
+        "fsdp_version": 2,
+        "fsdp_config": {"auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                        "transformer_layer_cls_to_wrap": "LlamaDecoderLayer",
+                        "state_dict_type": "SHARDED_STATE_DICT", "reshard_after_forward": True},
+    }
+    (tmp_path / "fsdp2.yml").write_text(yaml.safe_dump(config))
+    env = subprocess_env()
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(tmp_path), env["PYTHONPATH"]]))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(HERE / "axolotl_fsdp_launch.py"), str(tmp_path / "fsdp2.yml")]
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    run = Run("fsdp2", config, proc.returncode, proc.stdout + proc.stderr)
+    assert run.returncode == 0, run
+
+    pattern = r"OBSERVER rank (\d) of (\d): (\w+), DistributedType\.(\w+), is_fsdp2 (\w+), (\d+) DTensor"
+    observed = sorted(re.findall(pattern, run.output))
+    assert [o[:2] for o in observed] == [("0", "2"), ("1", "2")], run
+    for _, _, wrapped, distributed_type, is_fsdp2, sharded in observed:  # at the first step, after accelerate's prepare
+        assert (wrapped, distributed_type, is_fsdp2) == ("FSDPPeftModelForCausalLM", "FSDP", "True"), observed
+        assert int(sharded) > 0, observed  # fully_shard made the weights DTensors
+
+    logs = run.logs
+    assert len(logs) == 2, run
+    for entry in logs:
+        assert entry["deft/loss"] > 0.1, entry  # the density term is a clear part of the loss
+        # Axolotl logs 4 significant digits
+        assert entry["loss"] == pytest.approx(entry["observer/task_loss"] + entry["deft/loss"], abs=2e-3), entry
+        assert entry["deft/sparsity_setpoint"] == pytest.approx(0.5), entry
+        assert entry["deft/density"] == pytest.approx(0.5, abs=0.01), entry  # τ from the counts of both processes
+        assert {"deft/density/model.layers.0.mlp", "deft/density/model.layers.1.mlp"} <= entry.keys(), entry
+
+    output_dir = pathlib.Path(config["output_dir"])
+    assert run.output.count("DEFT: inference thresholds (sparsity 0.8") == 1, run
+    saved = SparsityThresholds.load(output_dir)
+    assert saved.calibrated == pytest.approx({name: 0.8 for name in saved.thresholds}, abs=1e-6)
+    assert sorted(saved.thresholds) == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert run.output.count("Saved FSDP2-gathered LoRA adapter") == 1, run
+    assert (output_dir / "adapter_model.safetensors").is_file()
