@@ -8,10 +8,10 @@ accelerate's PartialState gives a process without a GPU DistributedType.NO, and 
 in these processes only, before Axolotl's modules are imported; then Axolotl's own CLI module runs as
 `python -m axolotl.cli.train` runs it:
 
-1. accelerate: as fsdp_worker.force_fsdp_on_cpu() for the HF Trainer FSDP runs, AcceleratorState.__init__ is
+1. accelerate: fsdp_worker.force_fsdp_on_cpu(), as for the HF Trainer FSDP runs: AcceleratorState.__init__ is
    wrapped so that a MULTI_CPU state given an FSDP plugin becomes DistributedType.FSDP with that plugin (accelerate
-   switches to FSDP only for GPU-like backends), with ACCELERATE_TORCH_DEVICE=cpu. One step more than the worker's:
-   the wrapper also writes FSDP into PartialState's shared state, as accelerate's own GPU path ends
+   switches to FSDP only for GPU-like backends), with ACCELERATE_TORCH_DEVICE=cpu, and FSDP is written into
+   PartialState's shared state too, as accelerate's own GPU path ends
    (`PartialState._shared_state["distributed_type"] = self.distributed_type`). Axolotl constructs AcceleratorState()
    again after the trainer is built, and each construction copies PartialState's shared state over the
    accelerator's: without that line the state falls back to MULTI_CPU before the first step (the model stays
@@ -33,22 +33,7 @@ import os
 import runpy
 import sys
 
-def force_fsdp_on_cpu() -> None:
-    from accelerate.state import AcceleratorState, PartialState
-    from accelerate.utils import DistributedType
-
-    init = AcceleratorState.__init__
-
-    def init_with_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
-        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
-            self.distributed_type = DistributedType.FSDP
-            self.fsdp_plugin = fsdp_plugin
-            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-
-    AcceleratorState.__init__ = init_with_fsdp_on_cpu
-    os.environ["ACCELERATE_TORCH_DEVICE"] = "cpu"
-
+from fsdp_worker import force_fsdp_on_cpu  # this folder is sys.path[0] when run as a script
 
 def build_device_mesh_on_cpu() -> None:
     """Patch 2 (see the module docstring)."""

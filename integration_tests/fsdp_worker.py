@@ -59,7 +59,7 @@ WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 def force_fsdp_on_cpu() -> None:
     """Let accelerate run FSDP on CPU processes (see the module docstring)."""
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
 
     init = AcceleratorState.__init__
@@ -69,6 +69,9 @@ def force_fsdp_on_cpu() -> None:
         if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
             self.distributed_type = DistributedType.FSDP
             self.fsdp_plugin = fsdp_plugin
+            # Also in the shared process state, as accelerate's GPU path sets it: an AcceleratorState made again
+            # later (accelerate's optimizer wrapper makes one) would otherwise copy MULTI_CPU back.
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
     AcceleratorState.__init__ = init_with_fsdp_on_cpu
     os.environ["ACCELERATE_TORCH_DEVICE"] = "cpu"
@@ -86,9 +89,13 @@ class FullGrads(TrainerCallback):
 
     def __init__(self):
         self.grads: list[dict[str, torch.Tensor]] = []
+        self.modes: list[str] = []  # accelerate's distributed type at each optimizer step
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        from accelerate.state import PartialState
         from torch.distributed.fsdp import FullyShardedDataParallel
+
+        self.modes.append(PartialState().distributed_type.name)
 
         if FullyShardedDataParallel.fsdp_modules(model):  # FSDP1: views into sharded flat parameters
             with FullyShardedDataParallel.summon_full_params(model, writeback=False, with_grads=True):
@@ -183,6 +190,7 @@ def train(kind: str, engine: str, directory: pathlib.Path, world: int = 1) -> di
         "core_logits": core_logits,
         "world_size": trainer.args.world_size,
         "fsdp": getattr(trainer, "is_fsdp_enabled", False),
+        "modes": capture.modes,
         "fsdp_version": getattr(getattr(trainer.accelerator.state, "fsdp_plugin", None), "fsdp_version", None),
         "wrapped": type(trainer.model_wrapped).__name__,
     }

@@ -79,6 +79,7 @@ def test_the_runs_really_use_fsdp_on_two_processes(runs):
             assert not result["fsdp"] and result["wrapped"] == "DistributedDataParallel"
         else:
             assert result["fsdp"] and result["fsdp_version"] == int(engine[-1]), run
+            assert set(result["modes"]) == {"FSDP"}, run  # FSDP through every step, not only at setup
             assert result["wrapped"] == ("FullyShardedDataParallel" if engine == "fsdp1" else "FSDPPeftModel"), run
 
 
