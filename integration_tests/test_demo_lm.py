@@ -17,7 +17,7 @@ pytest.importorskip("matplotlib")
 from deft_cli.cli import build_parser, main  # noqa: E402
 from deft_cli.data import DeftDataError  # noqa: E402
 from deft_cli.demo import DemoSettings, LmSettings, demo_settings, lm_deft_config  # noqa: E402
-from deft_cli.demo.lm import check_causal_lm, run_lm_demo, sft_rows  # noqa: E402
+from deft_cli.demo.lm import check_causal_lm, decode_sparsities, run_lm_demo, sft_rows  # noqa: E402
 from deft_cli.frontier import LM_SPARSITY_GRID, PERPLEXITY_TOLERANCE  # noqa: E402
 
 POINT_KEYS = {"sparsity", "capture", "density", "perplexity", "perplexity_general"}
@@ -109,16 +109,29 @@ def test_decode_rows_dense_mask_sparse_at_deft_usable_sparsity(job):
     assert [(r["capture"], r["kernel"]) for r in rows] == [(c, k) for c in CAPTURES for k in ("dense", "mask", "sparse")]
     for row in rows:
         assert row["tokens_per_s"] > 0
-        usable = results["usable_sparsity"]["deft"][row["capture"]] or 0.0
+        usable = results["usable_sparsity"]["deft"][row["capture"]]
         if row["kernel"] == "dense":
             assert row["sparsity"] == 0.0 and row["speedup"] == 1.0 and row["limit"] == 1.0
         else:
-            assert row["sparsity"] == usable
+            assert row["sparsity"] == results["decode_limits"][row["capture"]]["sparsity"]
+            if usable:
+                assert row["sparsity"] == usable
     limits = {r["capture"]: r["limit"] for r in rows if r["kernel"] == "sparse"}
     # a gated MLP at the same density: the gate side skips more bytes (3/(1+2d)) than down_in (3/(2+d))
     if results["usable_sparsity"]["deft"]["act"] == results["usable_sparsity"]["deft"]["down_in"] not in (None, 0.0):
         assert limits["act"] > limits["down_in"] > 1.0
     assert set(results["decode_limits"]) == set(CAPTURES)
+
+
+def test_decode_runs_at_deft_usable_sparsity_else_within_reach_of_its_own_dense_perplexity():
+    points = [{"capture": c, "sparsity": s, "perplexity": p} for c, curve in
+              (("act", {0.0: 10.4, 0.3: 10.8, 0.5: 12.0}), ("down_in", {0.0: 10.4, 0.3: 10.45, 0.5: 10.49}))
+              for s, p in curve.items()]
+    chosen, rules = decode_sparsities(points, reference=10.0, own_dense=10.4)
+    assert chosen == {"act": 0.3, "down_in": 0.5}
+    assert "own dense" in rules["act"] and "usable" in rules["down_in"]
+    chosen, rules = decode_sparsities(points, reference=10.0, own_dense=9.0)
+    assert chosen["act"] == 0.0 and "dense" in rules["act"]
 
 
 def test_deft_run_trained_with_the_setpoint_through_the_trl_mixin(job):

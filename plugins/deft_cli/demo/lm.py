@@ -271,7 +271,8 @@ def decode_rows(model, tokenizer, prompt_ids: torch.Tensor, histograms: dict, us
                 settings: LmSettings) -> list[dict]:
     """Per capture point: greedy generate() of settings.decode_tokens new tokens, batch 1, dense, with
     kernel="mask" and with kernel="sparse" at usable[capture] (the run's own thresholds; 0 when none is usable),
-    interleaved round after round (deft_cli.measure), medians over settings.decode_rounds rounds."""
+    interleaved round after round (deft_cli.measure), medians over settings.decode_rounds rounds.
+    `usable`: {capture: sparsity} (decode_sparsities)."""
     n = settings.decode_tokens
     kwargs = dict(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=n,
                   min_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id)
@@ -302,6 +303,23 @@ def decode_rows(model, tokenizer, prompt_ids: torch.Tensor, histograms: dict, us
                          "tokens_per_s": round(n / seconds, 3), "speedup": round(dense_s / seconds, 3),
                          "limit": round(decode_limit(model, capture, density), 3) if kernel == "sparse" else 1.0})
     return rows
+
+
+def decode_sparsities(points: list[dict], reference: float, own_dense: float) -> tuple[dict, dict]:
+    """({capture: sparsity}, {capture: why}) the decode timing runs at: the DEFT run's usable sparsity (within
+    PERPLEXITY_TOLERANCE of dense PEFT); where it has none above 0, the largest grid sparsity within the same
+    tolerance of its own dense perplexity (so the kernels are timed at a sparsity the run holds), else 0."""
+    chosen, rules = {}, {}
+    for capture in LM_CAPTURES:
+        usable = usable_sparsity_perplexity(points, reference, capture)
+        if usable:
+            chosen[capture], rules[capture] = usable, "usable sparsity (within 5% of dense PEFT)"
+        else:
+            own = usable_sparsity_perplexity(points, own_dense, capture) or 0.0
+            chosen[capture] = own
+            rules[capture] = (f"no usable sparsity above 0: the largest within {PERPLEXITY_TOLERANCE:.0%} of DEFT's "
+                              "own dense perplexity" if own else "no sparsity within reach: dense")
+    return chosen, rules
 
 
 # -------------------------------------------------------------------------------------------------- a run
@@ -384,12 +402,13 @@ def train_and_score_lm(settings: LmSettings, use_deft: bool, train: list[dict], 
     start = time.perf_counter()
     held, density = perplexity(model, held_batches)
     dense = {"perplexity": held, "perplexity_general": perplexity(model, general)[0]}
-    eval_seconds = time.perf_counter() - start + base_seconds
+    eval_seconds = time.perf_counter() - start  # the base model's scoring before training counts as training
     if progress is not None:
         progress.finished(name, "evaluation", eval_seconds)
     result = {"perplexity": dense["perplexity"], "perplexity_general": dense["perplexity_general"],
               "density": density, "base": base, "refused": None}
-    timing = {"train_seconds": round(train_seconds, 2), "eval_seconds": round(eval_seconds, 2)}
+    timing = {"train_seconds": round(train_seconds, 2), "eval_seconds": round(eval_seconds, 2),
+              "base_seconds": round(base_seconds, 2)}
     if not dense["perplexity"] < base["perplexity"] * (1.0 - MIN_IMPROVEMENT):
         result["refused"] = refusal(name, dense["perplexity"], base["perplexity"], settings)
         return result | timing | {"frontier": [], "frontier_seconds": 0.0, **peak, "history": history}
@@ -400,14 +419,12 @@ def train_and_score_lm(settings: LmSettings, use_deft: bool, train: list[dict], 
     result["frontier"] = points
     if use_deft:
         reference = reference if reference is not None else dense["perplexity"]
-        usable = {c: usable_sparsity_perplexity(points, reference, c) for c in LM_CAPTURES}
+        chosen, rules = decode_sparsities(points, reference, dense["perplexity"])
         prompt = trainer_prompt(tokenizer, held_out[0], chat_template).to(device)
-        result["decode"] = decode_rows(model, tokenizer, prompt, histograms, usable, settings)
-        result["decode_limits"] = {c: {"density": round(histograms[c].thresholds(usable[c] or 0.0)
-                                                         .mean_calibrated_density(), 4),
-                                       "limit": round(decode_limit(model, c, histograms[c].thresholds(usable[c] or 0.0)
-                                                                   .mean_calibrated_density()), 3)}
-                                   for c in LM_CAPTURES}
+        result["decode"] = decode_rows(model, tokenizer, prompt, histograms, chosen, settings)
+        density = {c: histograms[c].thresholds(chosen[c]).mean_calibrated_density() for c in LM_CAPTURES}
+        result["decode_limits"] = {c: {"sparsity": chosen[c], "sparsity_rule": rules[c], "density": round(density[c], 4),
+                                       "limit": round(decode_limit(model, c, density[c]), 3)} for c in LM_CAPTURES}
     frontier_seconds = time.perf_counter() - start
     if progress is not None:
         progress.finished(name, "frontier", frontier_seconds)

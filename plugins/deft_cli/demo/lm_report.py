@@ -93,12 +93,13 @@ def format_lm_report(results: dict) -> str:
                      + (f", 1 step in {every} dense" if every else "")
                      + (f", coef {config['coef']:g}" if config.get("coef", 0) > 0 else ", no density loss"))
     if results["decode"]:
-        lines += ["", f"Decode with the DEFT model's own thresholds at its usable sparsity ({results['decode_kind']})",
+        lines += ["", f"Decode with the DEFT model's own thresholds ({results['decode_kind']})",
                   _table(["capture", "kernel", "sparsity", "tokens/s", "speedup", "limit"],
                          [[r["capture"], r["kernel"], f"{r['sparsity']:g}", f"{r['tokens_per_s']:.2f}",
                            f"{r['speedup']:.3f}", f"{r['limit']:.3f}"] for r in results["decode"]])]
         limits = results.get("decode_limits", {})
         if limits:
+            lines += [f"{c} timed at sparsity {v['sparsity']:g}: {v['sparsity_rule']}" for c, v in limits.items()]
             lines.append("limits of kernel='sparse' from the model's weight bytes: " + "; ".join(
                 f"{c} {v['limit']:.3f} at calibrated density {v['density']:.3f}" for c, v in limits.items())
                 + " (gated act 3/(1+2d), gated down_in 3/(2+d) on the MLP bytes; above the sparse kernel's "

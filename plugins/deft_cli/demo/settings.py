@@ -115,16 +115,16 @@ class LmSettings(DemoSettings):
     are not used. model None: SmolLM2-135M-Instruct (deft_cli.lm_model); data None: the IMDB reviews as
     "Write a positive/negative movie review." -> the review."""
 
-    steps: int = 80
+    steps: int = 60
     batch_size: int = 4
     max_length: int = 128
     lora_targets: list[str] | str = "all-linear"  # every linear layer but the LM head (Llama: all seven projections)
-    train_size: int = 320
+    train_size: int = 240
     eval_size: int = 32
     mlp_bias_lr: float = 0.0
     decode_tokens: int = 32  # new tokens per timed greedy generate()
     decode_rounds: int = 3  # timed rounds of dense, mask and sparse, interleaved (after one warm-up round)
-    deft: DeftConfig = field(default_factory=lambda: lm_deft_config(80))
+    deft: DeftConfig = field(default_factory=lambda: lm_deft_config(60))
 
     def check(self) -> None:
         super().check()
