@@ -375,6 +375,10 @@ def test_third_party_messages_are_silenced_one_by_one():
     from deft_cli.processes import quiet_messages
 
     model = make_model("bert")
+    with warnings.catch_warnings(record=True) as probe:  # transformers >= 5.2x warns; axolotl's pinned one does not
+        warnings.simplefilter("always")
+        model.is_gradient_checkpointing  # noqa: B018
+    warns_here = len(probe)
     records = []
 
     class Keep(logging.Handler):
@@ -400,7 +404,8 @@ def test_third_party_messages_are_silenced_one_by_one():
         for name, handler in handlers.items():
             logging.getLogger(name).removeHandler(handler)
     shown = [str(w.message) for w in seen]
-    assert shown[0] == "another FutureWarning" and len(shown) == 2 and "is_gradient_checkpointing" in shown[1]
+    assert shown[0] == "another FutureWarning" and len(shown) == 1 + warns_here
+    assert all("is_gradient_checkpointing" in message for message in shown[1:])
     assert records == ["another DeepSpeed message", "Setting accelerator to CPU. again"]
 
 
