@@ -337,8 +337,9 @@ def _quiet_progress():
 def refusal(name: str, dense: float, base: float, settings: LmSettings) -> str:
     """Why a run gets no frontier: its fine-tuning did not lower the held-out perplexity."""
     return (f"{name.upper()}'s held-out perplexity after fine-tuning, {dense:.4f}, is not below the base model's "
-            f"{base:.4f} (by at least {MIN_IMPROVEMENT:.1%}): the run learned nothing the frontier could measure, so none is reported. Train longer or "
-            f"faster (--steps {settings.steps}, --lr {settings.learning_rate:g}) or on more data (--train-size)")
+            f"{base:.4f} (by at least {MIN_IMPROVEMENT:.1%}): the run learned nothing the frontier could measure, so "
+            f"none is reported. Train longer or faster (--steps {settings.steps}, --lr {settings.learning_rate:g}) or "
+            "on more data (--train-size)")
 
 
 def train_and_score_lm(settings: LmSettings, use_deft: bool, train: list[dict], held_out: list[dict],
@@ -364,7 +365,8 @@ def train_and_score_lm(settings: LmSettings, use_deft: bool, train: list[dict], 
         args = SFTConfig(
             output_dir=scratch, max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
             learning_rate=settings.learning_rate, lr_scheduler_type="linear",
-            warmup_steps=int(0.06 * settings.steps), weight_decay=0.0, optim="adamw_torch", max_length=settings.max_length,
+            warmup_steps=int(0.06 * settings.steps), weight_decay=0.0, optim="adamw_torch",
+            max_length=settings.max_length,
             completion_only_loss=True, logging_steps=1, save_strategy="no", report_to=[], seed=settings.seed,
             data_seed=settings.seed, use_cpu=device == "cpu", bf16=False, fp16=False, dataloader_num_workers=0,
             dataset_num_proc=None, eval_strategy="no", remove_unused_columns=True)
@@ -423,7 +425,8 @@ def train_and_score_lm(settings: LmSettings, use_deft: bool, train: list[dict], 
         prompt = trainer_prompt(tokenizer, held_out[0], chat_template).to(device)
         result["decode"] = decode_rows(model, tokenizer, prompt, histograms, chosen, settings)
         density = {c: histograms[c].thresholds(chosen[c]).mean_calibrated_density() for c in LM_CAPTURES}
-        result["decode_limits"] = {c: {"sparsity": chosen[c], "sparsity_rule": rules[c], "density": round(density[c], 4),
+        result["decode_limits"] = {c: {"sparsity": chosen[c], "sparsity_rule": rules[c],
+                                       "density": round(density[c], 4),
                                        "limit": round(decode_limit(model, c, density[c]), 3)} for c in LM_CAPTURES}
     frontier_seconds = time.perf_counter() - start
     if progress is not None:
