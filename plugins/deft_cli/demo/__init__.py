@@ -22,7 +22,8 @@ The modules, and the public API that `deft demo`, `deft bench` and benchmarks/ru
 - lm (`deft demo --job lm`, causal-LM SFT through TRL): LmSettings and lm_deft_config (settings), load_lm_records,
   check_causal_lm, train_and_score_lm (one run in its subprocess), perplexity, lm_frontier, decode_rows,
   decode_limit, run_lm_demo; lm_report: summarise_lm, format_lm_report, plot_lm_frontier; general_text: the
-  general English text the LM frontier also scores.
+  general English text the LM frontier also scores; lm_data (`python -m deft_cli.demo.lm_data OUT.jsonl`): the LM
+  job's training split as chat messages, for examples/axolotl/deft_lm_sft.yml.
 """
 
 from .cli import add_demo_command, demo_command, demo_settings, lm_settings
