@@ -17,14 +17,17 @@ from processes import subprocess_env
 
 psutil = pytest.importorskip("psutil")
 
-# The function the worker runs: it writes its pid where the test finds it, then blocks for good.
+# The function the worker runs: it makes a semaphore (as tqdm's lock or a DataLoader's queue do; a worker killed on
+# Ctrl-C never unregisters it), writes its pid where the test finds it, then blocks for good.
 BLOCKER = '''
+import multiprocessing
 import os
 import pathlib
 import time
 
 
 def block(pid_file):
+    lock = multiprocessing.get_context("spawn").Lock()
     pathlib.Path(pid_file).write_text(str(os.getpid()))
     time.sleep(3600)
 '''
@@ -75,7 +78,7 @@ def training_children(parent: psutil.Process) -> list[psutil.Process]:
     children = []
     for child in parent.children(recursive=True):
         try:
-            if "resource_tracker" not in " ".join(child.cmdline()):
+            if "multiprocessing.resource_tracker" not in " ".join(child.cmdline()):
                 children.append(child)
         except psutil.NoSuchProcess:
             pass

@@ -85,7 +85,7 @@ def test_sigterm_of_the_demo_ends_its_training_subprocess(bert_dir, tmp_path):
         while not children and time.monotonic() < deadline and demo.poll() is None:
             # the training subprocess; spawn also starts a resource tracker, which is no training child
             children = [c for c in parent.children(recursive=True)
-                        if "resource_tracker" not in " ".join(c.cmdline())]
+                        if "multiprocessing.resource_tracker" not in " ".join(c.cmdline())]
             time.sleep(0.2)
         assert children, f"the demo started no training subprocess: {demo.poll()=}, {demo.stderr.read() if demo.poll() is not None else ''}"
         time.sleep(2)  # into training

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 
 from deft_common import __version__
@@ -43,10 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         # Ctrl-C: one line, not a traceback; the training subprocess is already ended (in_subprocess).
         print(f"deft {args.command}: interrupted", file=sys.stderr)
-    # The interrupted subprocess pool is garbage now: collected here, its queues release their semaphores, which
-    # multiprocessing's resource tracker would otherwise report as leaked, after that line, when this process exits.
-    gc.collect()
-    return INTERRUPTED
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -187,10 +187,20 @@ def _kill_workers(pool: concurrent.futures.ProcessPoolExecutor) -> None:
         worker.join(_CHILD_EXIT_SECONDS)
 
 
+# A subprocess killed on Ctrl-C cannot unregister the semaphores it made (tqdm's lock, the pool's queues);
+# multiprocessing's resource tracker removes them when this process exits and says so, "resource_tracker: There appear
+# to be 1 leaked semaphore objects to clean up at shutdown", after the command's last line. The tracker process takes
+# its warning filters from sys.warnoptions when it starts (with the first subprocess): that one message is silenced
+# there, the clean-up itself is not.
+TRACKER_LEAK_WARNING = "ignore:resource_tracker:UserWarning"
+
+
 def in_subprocess(fn, *args):
     """fn(*args) in a fresh interpreter: its peak memory is its own, and runs cannot disturb each other. It imports
     as quietly as this process (quiet_imports). The subprocess ends with this process however it ends, and a
     KeyboardInterrupt here kills it before it goes on."""
+    if TRACKER_LEAK_WARNING not in sys.warnoptions:
+        sys.warnoptions.append(TRACKER_LEAK_WARNING)
     context = multiprocessing.get_context("spawn")
     absent = [p for p in UNUSED_PACKAGES + QUANTISATION_PACKAGES if p in sys.modules and sys.modules[p] is None]
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_start_child,
