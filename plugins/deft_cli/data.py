@@ -109,12 +109,12 @@ def check_model_dir(path) -> pathlib.Path:
 
 
 # --------------------------------------------------------------------------------------------------- JSONL
-def read_jsonl(path, need_labels: bool) -> list[dict]:
-    """[{"text": str, "label": ...}] from a JSONL file; every line needs "text", and "label" when need_labels."""
+def jsonl_objects(path, shape: str):
+    """(path, line number, object) for each non-blank line of a JSONL file, with a clear error for a missing file,
+    a line that is not UTF-8 or not JSON, or not an object; `shape` shows a line's object in the messages."""
     path = pathlib.Path(path)
     if not path.is_file():
-        raise DeftDataError(f"data file {str(path)!r} does not exist; pass a JSONL file with one {{\"text\": ...}} per line")
-    records = []
+        raise DeftDataError(f"data file {str(path)!r} does not exist; pass a JSONL file with one {shape} per line")
     with path.open("rb") as f:
         for number, raw in enumerate(f, start=1):
             line = _decoded(path, number, raw)
@@ -124,14 +124,23 @@ def read_jsonl(path, need_labels: bool) -> list[dict]:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DeftDataError(f"{path}:{number}: not valid JSON ({err.msg})") from err
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise DeftDataError(f'{path}:{number}: each line must be an object with a string "text" field')
-            if need_labels and record.get("label") is None:
-                raise DeftDataError(
-                    f'{path}:{number}: no "label" field; training needs a label on every line, '
-                    'e.g. {"text": "a great film", "label": 1}'
-                )
-            records.append(record)
+            if not isinstance(record, dict):
+                raise DeftDataError(f"{path}:{number}: each line must be an object {shape}")
+            yield path, number, record
+
+
+def read_jsonl(path, need_labels: bool) -> list[dict]:
+    """[{"text": str, "label": ...}] from a JSONL file; every line needs "text", and "label" when need_labels."""
+    records = []
+    for path, number, record in jsonl_objects(path, '{"text": ...}'):
+        if not isinstance(record.get("text"), str):
+            raise DeftDataError(f'{path}:{number}: each line must be an object with a string "text" field')
+        if need_labels and record.get("label") is None:
+            raise DeftDataError(
+                f'{path}:{number}: no "label" field; training needs a label on every line, '
+                'e.g. {"text": "a great film", "label": 1}'
+            )
+        records.append(record)
     if not records:
         raise DeftDataError(f"data file {str(path)!r} is empty; it needs at least one JSON line with a \"text\" field")
     return records

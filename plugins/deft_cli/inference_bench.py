@@ -28,6 +28,7 @@ from torch import nn
 
 from deft_common import (DeftConfig, apply_thresholds, calibrate_thresholds, find_mlp_sites, install_sparse_mlp,
                          measure_histograms)
+from deft_common.architectures import gated_mlp
 from deft_common.sparsity import speedup_limit
 
 from .measure import cpu_name, interleaved, median, timed
@@ -161,15 +162,20 @@ def _bytes(tensors) -> int:
 
 
 def decode_limit(model, density: float, capture: str = "act") -> float:
-    """Weight bytes read per generated token, dense / sparse: everything but the input embedding (one row of it
-    is read); a gated MLP's share read is 1 / speedup_limit (capture "act": its gate and the active fraction of up
-    and down; "down_in": gate and up, and the active fraction of down)."""
-    mlp = _bytes(p for name, p in model.named_parameters() if ".mlp." in name)
+    """Weight bytes read per generated token dense / with sparse MLPs at `density` (the active fraction at
+    `capture`): everything but the input embedding (one row of it is read; the LM head reads it all when tied), the
+    MLP blocks' bytes divided by their bound (sparsity.speedup_limit: gated "act" 3/(1+2d), gated "down_in"
+    3/(2+d), non-gated 2/(1+d)). The KV cache is left out."""
+    sites = find_mlp_sites(model, capture=capture)
+    blocks = [model.get_submodule(site.name) for site in sites]
+    mlp = sum(_bytes(block.parameters()) for block in blocks)
+    gated = gated_mlp(blocks[0]) is not None
     embedding = _bytes(model.get_input_embeddings().parameters())
     total = _bytes(model.parameters()) - embedding
-    if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
-        total += embedding  # tied: the LM head reads it all
-    return total / (total - mlp + mlp / speedup_limit(True, capture, density))
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is model.get_input_embeddings().weight:
+        total += embedding
+    return total / (total - mlp + mlp / speedup_limit(gated, capture, density))
 
 
 def _decode_rows(tiny: bool, densities, rounds: int) -> list[dict]:

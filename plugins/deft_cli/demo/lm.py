@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import pathlib
 import sys
 import tempfile
 import time
@@ -26,12 +25,11 @@ import time
 import torch
 
 from deft_common import DeftConfig, apply_thresholds, find_mlp_sites, measure_histograms
-from deft_common.architectures import gated_mlp
-from deft_common.sparsity.sparse_mlp import speedup_limit
 
-from ..data import DeftDataError, check_model_dir, load_imdb, split
+from ..data import DeftDataError, check_model_dir, jsonl_objects, load_imdb, split
 from ..density import mean, measure_density
 from ..frontier import LM_SPARSITY_GRID, PERPLEXITY_TOLERANCE, usable_sparsity_perplexity
+from ..inference_bench import decode_limit
 from ..measure import interleaved, median, timed
 from .general_text import GENERAL_TEXT
 from .progress import OverallProgress
@@ -62,36 +60,19 @@ def load_lm_records(settings: LmSettings) -> tuple[list[dict], list[dict]]:
 def read_prompt_completions(path) -> list[dict]:
     """[{"prompt", "completion"}] of a JSONL file; each line needs both, as strings or both as chat messages
     ([{"role": ..., "content": ...}]); a line without a completion is an error that names it."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise DeftDataError(f"data file {str(path)!r} does not exist; pass a JSONL file with one "
-                            '{"prompt": ..., "completion": ...} per line')
     records = []
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DeftDataError(f"{path}:{number}: not UTF-8 text ({err.reason}); save the file as UTF-8") from err
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DeftDataError(f"{path}:{number}: not valid JSON ({err.msg})") from err
-            if not isinstance(record, dict):
-                raise DeftDataError(f'{path}:{number}: each line must be an object {{"prompt": ..., "completion": ...}}')
-            completion = record.get("completion")
-            if not completion or not isinstance(completion, (str, list)):
-                raise DeftDataError(
-                    f'{path}:{number}: no "completion"; --job lm trains and scores on completions, so every line '
-                    'needs one, e.g. {"prompt": "Write a positive movie review.", "completion": "A warm, funny film."}'
-                    + (' (a "text" line is classification data: use --job classify)' if "text" in record else ""))
-            prompt = record.get("prompt")
-            if not isinstance(prompt, (str, list)) or (isinstance(prompt, list) != isinstance(completion, list)):
-                raise DeftDataError(f'{path}:{number}: "prompt" must be a string, or chat messages like the '
-                                    '"completion": both strings, or both lists of {"role": ..., "content": ...}')
-            records.append({"prompt": prompt, "completion": completion})
+    for path, number, record in jsonl_objects(path, '{"prompt": ..., "completion": ...}'):
+        completion = record.get("completion")
+        if not completion or not isinstance(completion, (str, list)):
+            raise DeftDataError(
+                f'{path}:{number}: no "completion"; --job lm trains and scores on completions, so every line '
+                'needs one, e.g. {"prompt": "Write a positive movie review.", "completion": "A warm, funny film."}'
+                + (' (a "text" line is classification data: use --job classify)' if "text" in record else ""))
+        prompt = record.get("prompt")
+        if not isinstance(prompt, (str, list)) or (isinstance(prompt, list) != isinstance(completion, list)):
+            raise DeftDataError(f'{path}:{number}: "prompt" must be a string, or chat messages like the '
+                                '"completion": both strings, or both lists of {"role": ..., "content": ...}')
+        records.append({"prompt": prompt, "completion": completion})
     if not records:
         raise DeftDataError(f"data file {str(path)!r} is empty; it needs {{\"prompt\": ..., \"completion\": ...}} lines")
     return records
@@ -247,26 +228,6 @@ def lm_frontier(model, calibration: list[dict], held_out: list[dict], general: l
 
 
 # ------------------------------------------------------------------------------------------------- decode
-def _bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def decode_limit(model, capture: str, density: float) -> float:
-    """Weight bytes read per generated token dense / with sparse MLPs at `density` (the active fraction at
-    `capture`): everything but the input embedding (one row of it is read; the LM head reads it all when tied),
-    the MLP bytes divided by the block's bound (deft_common speedup_limit: gated "act" 3/(1+2d), gated "down_in"
-    3/(2+d), non-gated 2/(1+d)). The KV cache is left out."""
-    sites = find_mlp_sites(model, DeftConfig(coef=0.0, capture=capture))
-    mlp = sum(_bytes(model.get_submodule(site.name).parameters()) for site in sites)
-    gated = gated_mlp(model.get_submodule(sites[0].name)) is not None
-    embedding = _bytes(model.get_input_embeddings().parameters())
-    total = _bytes(model.parameters()) - embedding
-    head = model.get_output_embeddings()
-    if head is not None and head.weight is model.get_input_embeddings().weight:
-        total += embedding
-    return total / (total - mlp + mlp / speedup_limit(gated, capture, density))
-
-
 def decode_rows(model, tokenizer, prompt_ids: torch.Tensor, histograms: dict, usable: dict,
                 settings: LmSettings) -> list[dict]:
     """Per capture point: greedy generate() of settings.decode_tokens new tokens, batch 1, dense, with
@@ -301,7 +262,7 @@ def decode_rows(model, tokenizer, prompt_ids: torch.Tensor, histograms: dict, us
             seconds = median(times[kernel])
             rows.append({"kernel": kernel, "capture": capture, "sparsity": 0.0 if kernel == "dense" else sparsity,
                          "tokens_per_s": round(n / seconds, 3), "speedup": round(dense_s / seconds, 3),
-                         "limit": round(decode_limit(model, capture, density), 3) if kernel == "sparse" else 1.0})
+                         "limit": round(decode_limit(model, density, capture), 3) if kernel == "sparse" else 1.0})
     return rows
 
 
@@ -427,7 +388,7 @@ def train_and_score_lm(settings: LmSettings, use_deft: bool, train: list[dict], 
         density = {c: histograms[c].thresholds(chosen[c]).mean_calibrated_density() for c in LM_CAPTURES}
         result["decode_limits"] = {c: {"sparsity": chosen[c], "sparsity_rule": rules[c],
                                        "density": round(density[c], 4),
-                                       "limit": round(decode_limit(model, c, density[c]), 3)} for c in LM_CAPTURES}
+                                       "limit": round(decode_limit(model, density[c], c), 3)} for c in LM_CAPTURES}
     frontier_seconds = time.perf_counter() - start
     if progress is not None:
         progress.finished(name, "frontier", frontier_seconds)
