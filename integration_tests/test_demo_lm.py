@@ -144,13 +144,19 @@ def test_deft_run_trained_with_the_setpoint_through_the_trl_mixin(job):
 
 
 # ---------------------------------------------------------------------------------------------- formats
-def test_a_model_without_a_chat_template_gets_plain_prompt_completion_text(work, tmp_path):
-    model = save_model_dir("llama", tmp_path / "plain")
+def _model_without_chat_template(path):
+    """The tiny fixture llama saved without its chat template."""
+    model = save_model_dir("llama", path)
     config = json.loads((model / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)
     (model / "tokenizer_config.json").write_text(json.dumps(config))
     for extra in model.glob("chat_template.*"):
         extra.unlink()
+    return model
+
+
+def test_a_model_without_a_chat_template_gets_plain_prompt_completion_text(work, tmp_path):
+    model = _model_without_chat_template(tmp_path / "plain")
     settings = tiny_settings(work, tmp_path / "out", model=str(model))
     assert check_causal_lm(settings, sft_records(4)) is False
     row = sft_rows(sft_records(1), False, "</s>")[0]
@@ -186,12 +192,7 @@ def test_data_without_completions_is_a_clear_error(work, tmp_path, capsys):
 
 
 def test_chat_data_for_a_model_without_a_chat_template_is_a_clear_error(work, tmp_path, capsys):
-    model = save_model_dir("llama", tmp_path / "plain")
-    config = json.loads((model / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (model / "tokenizer_config.json").write_text(json.dumps(config))
-    for extra in model.glob("chat_template.*"):
-        extra.unlink()
+    model = _model_without_chat_template(tmp_path / "plain")
     messages = [{"prompt": [{"role": "user", "content": f"say {i}"}],
                  "completion": [{"role": "assistant", "content": f"{i}"}]} for i in range(10)]
     data = write_jsonl(tmp_path / "chat.jsonl", messages)
