@@ -8,10 +8,9 @@ import pytest
 import torch
 from fixtures import make_batch, make_model
 
-from deft_common import DeftConfig, base_model_of, find_mlp_sites
+from deft_common import (DeftConfig, DeftThresholdsError, SparseMlpError, apply_thresholds, base_model_of,
+                         calibrate_thresholds, find_mlp_sites, install_sparse_mlp)
 from deft_common.sparsity import kernels, sparse_mlp
-from deft_common import SparseMlpError, install_sparse_mlp
-from deft_common import DeftThresholdsError, apply_thresholds, calibrate_thresholds
 
 FAMILIES = ["llama", "qwen2", "mistral", "gemma", "phi3", "t5_gated", "gpt2", "opt", "bert", "t5"]
 GATED = {"llama", "qwen2", "mistral", "gemma", "phi3", "t5_gated"}

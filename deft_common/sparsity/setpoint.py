@@ -217,10 +217,11 @@ class SparsitySetpoint:
             values = flat
             weight = real.unsqueeze(1).expand(-1, width).reshape(-1) if real is not None else None
         weight = torch.ones_like(values, dtype=torch.float32) if weight is None else weight.float()
+        magnitude = values.abs()
         counts = torch.zeros(NUM_BINS, dtype=torch.float32, device=a.device)
-        counts.index_add_(0, bin_index(values.abs()), weight)
+        counts.index_add_(0, bin_index(magnitude), weight)
         tau = quantile_on_device(sum_over_processes(counts), q)
-        self._kept[site.name] = (weight * (values.abs() > tau)).sum() / weight.sum().clamp(min=1)
+        self._kept[site.name] = (weight * (magnitude > tau)).sum() / weight.sum().clamp(min=1)
         return tau
 
     def _sample_positions(self, entries: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
