@@ -149,7 +149,7 @@ def test_ctrl_c_prints_one_line_exits_130_and_ends_the_worker(tmp_path, to):
         else:
             os.killpg(command.pid, signal.SIGINT)
         _, stderr = command.communicate(timeout=30)
-        assert stderr.splitlines() == ["deft block: interrupted"]
+        assert stderr.lstrip("\n").splitlines() == ["deft block: interrupted"]  # on a line of its own
         assert command.returncode == 130
         assert_ends([worker])
     finally:

@@ -40,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         with quiet_imports(getattr(args, "model", None), getattr(args, "adapter", None)), ending_children_on_sigterm():
             return args.handler(args)
     except KeyboardInterrupt:
-        # Ctrl-C: one line, not a traceback; the training subprocess is already ended (in_subprocess).
-        print(f"deft {args.command}: interrupted", file=sys.stderr)
+        # Ctrl-C: one line, not a traceback; the training subprocess is already ended (in_subprocess). The line
+        # starts afresh: a subprocess's progress bar (or the terminal's ^C) may have left the cursor mid-line.
+        print(f"\ndeft {args.command}: interrupted", file=sys.stderr)
         return INTERRUPTED
 
 
