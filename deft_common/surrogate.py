@@ -64,13 +64,18 @@ def surrogate_stats(
 
 
 @torch.no_grad()
-def count_active(a: torch.Tensor, pad_rows: torch.Tensor | None, thresholds: tuple[float, ...]) -> torch.Tensor:
+def count_active(a: torch.Tensor, pad_rows: torch.Tensor | None, thresholds: tuple[float, ...],
+                 positive_zeros: bool = False) -> torch.Tensor:
     """For each threshold τ the number of entries with |a| > τ in real rows (int64 vector), without the surrogate:
-    one count per threshold (τ = 0 counts the non-zeros in place, without a temporary)."""
+    one count per threshold (τ = 0 counts the non-zeros in place, without a temporary). positive_zeros: no zero of
+    `a` is -0.0 (sparsity.zeroing.has_only_positive_zeros), so τ = 0 counts the non-zero bit patterns."""
     a = a.reshape(-1, a.shape[-1])
+    bits = BIT_VIEWS.get(a.dtype) if positive_zeros and a.device.type == "cpu" else None
 
     def counts(x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([torch.count_nonzero(x if tau == 0.0 else x.abs() > tau) for tau in thresholds])
+        # as integers, count_nonzero runs vectorised (0.33 ms against 0.90 ms on 1024 x 1536 fp32, one thread)
+        nonzero = x.view(bits) if bits is not None else x
+        return torch.stack([torch.count_nonzero(nonzero if tau == 0.0 else x.abs() > tau) for tau in thresholds])
 
     active = counts(a)
     if pad_rows is not None:
@@ -78,13 +83,16 @@ def count_active(a: torch.Tensor, pad_rows: torch.Tensor | None, thresholds: tup
     return active
 
 
+BIT_VIEWS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
 def add_surrogate_grad(
     grad: torch.Tensor, a: torch.Tensor, scale: torch.Tensor, pad_rows: torch.Tensor | None, eps: float
 ) -> torch.Tensor:
     """grad + scale · s'(a) on the real rows (padding rows keep `grad`), s'(a) = 2εa / (a² + ε)², written as
     (2/ε) · a / (1 + a²/ε)² so that no intermediate is denormal even for tiny ε. Written into `grad` itself when
-    nothing else holds it (see `_owned`), else into a new tensor."""
-    in_place = _owned(grad)  # before any view of it exists
+    nothing else holds it (see `owned`), else into a new tensor."""
+    in_place = owned(grad)  # before any view of it exists
     shape = grad.shape
     a, grad = a.reshape(-1, a.shape[-1]), grad.reshape(-1, a.shape[-1])
     out = grad if in_place else torch.empty_like(grad)
@@ -101,7 +109,7 @@ def add_surrogate_grad(
     return out.reshape(shape)
 
 
-def _owned(grad: torch.Tensor) -> bool:
+def owned(grad: torch.Tensor) -> bool:
     """Whether the incoming gradient may be updated in place: on CPU a new activation-sized tensor costs fresh
     pages (about as much as the whole surrogate), so we reuse the gradient when this backward holds the only
     reference to it and to its memory. Autograd hands the same tensor to several branches when an op passes its

@@ -29,6 +29,7 @@ from .checkpointing import REENTRANT_FIX, check_checkpointing
 from .config import DeftConfig
 from .distributed import is_distributed, sum_over_processes
 from .errors import DeftCheckpointingError, DeftConfigError
+from .sparsity.zeroing import has_only_positive_zeros
 from .surrogate import count_active, density_tap
 
 @dataclass
@@ -79,7 +80,8 @@ class DensityTracker:
         if self._density_loss:
             routed, ssum, active = density_tap(a, pad_rows, self.config.eps, self.thresholds)
         else:
-            routed, ssum, active = None, torch.zeros((), device=a.device), count_active(a, pad_rows, self.thresholds)
+            active = count_active(a, pad_rows, self.thresholds, positive_zeros=has_only_positive_zeros(a))
+            routed, ssum = None, torch.zeros((), device=a.device)
         if recording:
             rec = self._records.setdefault(site.name, _LayerRecord())
             rec.surrogate_sum = rec.surrogate_sum + ssum

@@ -18,7 +18,7 @@ def _acts(model, config=None):
 def _watch(model, batch, when="after"):
     """Hooks on every MLP activation that record what the rest of the model sees (registered after the
     set-point's hooks, so they see the masked output) or what the activation computed (`when="before"`, register
-    them before the set-point)."""
+    them before the set-point: the model goes on with a copy, which the set-point may zero in place)."""
     seen = []
     real = batch["attention_mask"].reshape(-1).bool()
 
@@ -26,6 +26,7 @@ def _watch(model, batch, when="after"):
         if out.requires_grad:
             out.retain_grad()
         seen.append((out, real))
+        return out.clone() if when == "before" else None
 
     return seen, [m.register_forward_hook(hook) for m in _acts(model)]
 
@@ -75,7 +76,7 @@ def test_padding_rows_do_not_count_in_the_quantile_with_lora():
 
     model = get_peft_model(make_model("bert"), LoraConfig(r=4, target_modules=["query", "value"]))
     batch = make_batch("bert", batch_size=3, seq_len=16)  # last row half padding
-    before, handles = _watch(model, batch)  # sees the activations before the set-point masks them
+    before, handles = _watch(model, batch, "before")  # sees the activations before the set-point masks them
     setpoint = SparsitySetpoint(model, sparsity=0.8, ramp_steps=0)
     model(**batch).loss.backward()
     for h in handles:
@@ -147,7 +148,7 @@ def test_resume_continues_the_ramp():
 def test_gradient_through_the_zeroed_entries(gradient):
     model = make_model("bert")
     batch = make_batch("bert", batch_size=4, seq_len=16)
-    before, handles = _watch(model, batch)
+    before, handles = _watch(model, batch, "before")
     SparsitySetpoint(model, sparsity=0.9, gradient=gradient)
     model(**batch).loss.backward()
     for h in handles:
@@ -320,21 +321,57 @@ def test_setpoint_alone_only_counts_the_density():
     engine.remove()
 
 
-def test_the_mask_keeps_no_copy_of_the_activation_for_backward():
-    """The mask's backward reads its own output (which the down-projection keeps anyway): the activation it masked
-    is freed once the forward is done, so the set-point adds no activation-sized tensor per block to training."""
-    import gc
-    import weakref
-
-    model = make_model("bert")  # GELU: its backward keeps its input, not its output
+def test_the_mask_zeroes_the_activation_in_place():
+    """GELU keeps its input for backward, not its output: the set-point zeroes the activation in its own memory
+    (no new activation-sized tensor per block) and its backward reads the masked output, which the down-projection
+    keeps anyway."""
+    model = make_model("bert")
     batch = make_batch("bert", batch_size=4, seq_len=16)
-    refs = []
-    handles = [m.register_forward_hook(lambda _m, _a, out: refs.append(weakref.ref(out))) for m in _acts(model)]
-    setpoint = SparsitySetpoint(model, sparsity=0.9)  # its hook runs after those: they see the unmasked output
-    loss = model(**batch).loss
-    gc.collect()
-    assert refs and all(ref() is None for ref in refs)
-    loss.backward()
+    made, used = [], []
+    handles = [m.register_forward_hook(lambda _m, _a, out: made.append(out.data_ptr())) for m in _acts(model)]
+    setpoint = SparsitySetpoint(model, sparsity=0.9)  # its hook runs after those, before the ones below
+    handles += [m.register_forward_hook(lambda _m, _a, out: used.append(out)) for m in _acts(model)]
+    model(**batch).loss.backward()
+    assert made and made == [out.data_ptr() for out in used]
+    assert all(0.05 < float((out != 0).float().mean()) < 0.15 for out in used)  # masked at 0.9
     for h in handles:
         h.remove()
     setpoint.remove()
+
+
+@pytest.mark.parametrize("family", ["bert", "t5", "opt", "llama", "phi", "gemma"])
+def test_the_gradient_is_the_same_whether_the_mask_works_in_place_or_not(family):
+    """The mask overwrites the activation only when the op that made it does not keep it for backward (ReLU, in T5
+    and OPT, keeps its output; GELU, SiLU and products do not). A hook in front that hands the model a copy lets it
+    work in place every time: the gradients must not change (and a wrong in-place write would raise in backward)."""
+    def gradients(copy_first: bool):
+        model = make_model(family)
+        batch = make_batch(family, batch_size=3, seq_len=12)
+        handles = [m.register_forward_hook(lambda _m, _a, out: out.clone()) for m in _acts(model)] if copy_first else []
+        setpoint = SparsitySetpoint(model, sparsity=0.8)
+        model(**batch).loss.backward()
+        for h in handles:
+            h.remove()
+        setpoint.remove()
+        return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+    plain, copied = gradients(False), gradients(True)
+    assert plain.keys() == copied.keys() and plain
+    for name in plain:
+        torch.testing.assert_close(plain[name], copied[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_counts_read_zeros_with_their_sign_bit_as_zeros():
+    """GELU writes -0.0 where x · Φ(x) underflows: a count of the non-zeros must not count them. The set-point's mask
+    writes only +0.0, so its output is counted on the bits (faster); both counts agree on what is zero."""
+    from deft_common.sparsity.zeroing import MaskAtOrBelow, has_only_positive_zeros
+    from deft_common.surrogate import count_active
+
+    gelu = torch.nn.functional.gelu(torch.tensor([[-40.0, -30.0, 0.0, 1.0, -0.5, 2.0]], requires_grad=True))
+    assert torch.signbit(gelu[0, :2]).all() and (gelu[0, :2] == 0).all()  # -0.0
+    assert not has_only_positive_zeros(gelu)
+    assert count_active(gelu, None, (0.0,)).tolist() == [3]
+    masked = MaskAtOrBelow.apply(gelu * 1.0, 0.4, False, True)  # keeps GELU(1) and GELU(2)
+    assert has_only_positive_zeros(masked)
+    assert count_active(masked, None, (0.0,), positive_zeros=True).tolist() == [2]
+    assert count_active(masked, None, (0.0,)).tolist() == [2]

@@ -45,34 +45,11 @@ from ..config import (SETPOINT_GRADIENTS, SETPOINT_SCHEDULES, DeftConfig, DeftCo
                       check_dense_every, check_fraction, check_whole)
 from ..distributed import sum_over_processes
 from .histogram import NUM_BINS, bin_index, quantile_on_device
-from .zeroing import zero_at_or_below
+from .zeroing import MaskAtOrBelow, may_overwrite
 
 GRADIENTS = SETPOINT_GRADIENTS
 SCHEDULES = SETPOINT_SCHEDULES
 SAMPLE = 1 << 16  # entries per block and forward whose histogram gives τ (see the module docstring)
-
-
-class _Masked(torch.autograd.Function):
-    """|a| <= τ set to 0, keeping only the output for backward: the entries it zeroed are exactly its zeros, so the
-    mask gradient is read off the output (which the next layer keeps anyway) and the activation itself need not be
-    kept (one activation-sized tensor less per block than hardshrink's own backward, which keeps its input)."""
-
-    @staticmethod
-    def forward(ctx, a, tau, straight_through: bool):
-        out = zero_at_or_below(a, tau)
-        ctx.straight_through = straight_through
-        if not straight_through:
-            ctx.save_for_backward(out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        if ctx.straight_through:  # the gradient of the dense activation (Q-Sparse)
-            return grad, None, None
-        (out,) = ctx.saved_tensors
-        # None through the zeroed entries (CATS): hardshrink's backward at 0 passes grad where out != 0, in one fused
-        # pass (5x faster than torch.where on CPU).
-        return torch.ops.aten.hardshrink_backward(grad, out, 0.0), None, None
 
 
 class SetpointWarning(UserWarning):
@@ -203,7 +180,9 @@ class SparsitySetpoint:
         # On CPU a number: reading it costs nothing there and the mask is one fused pass. Elsewhere, and in a graph
         # torch.compile traces, a tensor: nothing is read back to the host.
         on_host = a.device.type == "cpu" and not torch.compiler.is_compiling()
-        return _Masked.apply(a, float(tau) if on_host else tau, self.gradient == "ste")
+        if not on_host:
+            return MaskAtOrBelow.apply(a, tau, self.gradient == "ste", False)
+        return MaskAtOrBelow.apply(a, float(tau), self.gradient == "ste", may_overwrite(a))
 
     def _quantile(self, site: MlpSite, a: torch.Tensor, q: float) -> torch.Tensor:
         """τ of this forward (a 0-dim tensor on a's device): the q-quantile of |a| over the real entries of every
@@ -212,7 +191,8 @@ class SparsitySetpoint:
         real = self._capture.real_rows(site, a)  # None: every row is real
         if flat.numel() > SAMPLE:
             positions, rows = self._sample_positions(flat.numel(), width, a.device)
-            values, weight = flat[positions], (real[rows] if real is not None else None)
+            values = flat.index_select(0, positions)
+            weight = real.index_select(0, rows) if real is not None else None
         else:
             values = flat
             weight = real.unsqueeze(1).expand(-1, width).reshape(-1) if real is not None else None
@@ -230,7 +210,8 @@ class SparsitySetpoint:
         key = (entries, width, device)
         if key not in self._positions:
             generator = torch.Generator().manual_seed(entries)
-            positions = torch.randint(0, entries, (SAMPLE,), generator=generator).to(device)
+            # in increasing order: the gather then reads memory forwards (1.5x faster on CPU than in random order)
+            positions = torch.randint(0, entries, (SAMPLE,), generator=generator).sort().values.to(device)
             self._positions[key] = (positions, positions // width)
         return self._positions[key]
 
