@@ -72,3 +72,38 @@ def test_runner_appends_one_row_and_table_renders_it(bert_dir, tmp_path, capsys)
 def test_crossover_runs_on_tiny_shapes():
     rows = load("crossover").measure_crossover(densities=(0.5,), rounds=1, tiny=True)
     assert {row["density"] for row in rows} == {0.5} and all(row["speedup"] > 0 for row in rows)
+
+
+def test_runner_records_the_lm_job_and_its_failures(tmp_path):
+    """`--set job=lm`: the LM job's row (both runs' perplexity frontiers at both capture points, DEFT's usable
+    sparsity against the row's PEFT perplexity, the decode rows); a run that fails is a row too, and exit status 1."""
+    pytest.importorskip("trl")
+    from fixtures import save_model_dir
+    from test_demo_lm import sft_records, write_jsonl
+
+    run = load("run")
+    model = save_model_dir("llama", tmp_path / "model")
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_records())
+    out = tmp_path / "lm.jsonl"
+    job = ["--set", "job=lm", "--set", f"model={json.dumps(str(model))}", "--set", f"data={json.dumps(str(data))}",
+           "--set", "batch_size=4", "--set", "max_length=48", "--set", "train_size=32", "--set", "eval_size=8",
+           "--set", "calibration_texts=8", "--set", "decode_tokens=4", "--set", "decode_rounds=1",
+           "--set", "grid=[0.5]", "--out", str(out), "--in-process"]
+    row = run.main([*job, "--set", "steps=6", "--set", "learning_rate=0.01", "--name", "tiny"])
+    assert row["job"] == "lm" and row["data"] == {"train_texts": 32, "held_out_texts": 8, "format": "chat"}
+    assert row["spec"]["deft_config"]["sparsity_setpoint"] == 0.7 and row["spec"]["grid"] == [0.0, 0.5]
+    peft, deft = row["figures"]["peft"], row["figures"]["deft"]
+    for figures in (peft, deft):
+        assert {(p["sparsity"], p["capture"]) for p in figures["frontier"]} == {
+            (s, c) for s in (0.0, 0.5) for c in ("act", "down_in")}
+        assert figures["perplexity"] < figures["base"]["perplexity"]
+        assert set(figures["usable_sparsity"]) == {"act", "down_in"}
+    assert {d["kernel"] for d in deft["decode"]} == {"dense", "mask", "sparse"} and "decode" not in peft
+    assert 0 < deft["training_density"] < 1
+
+    # a learning rate of 1e-12 cannot improve on the base model: PEFT is refused, DEFT not trained, the row kept
+    with pytest.raises(SystemExit, match="peft: refused"):
+        run.main([*job, "--set", "steps=2", "--set", "learning_rate=1e-12", "--name", "no learning"])
+    failed = json.loads(out.read_text().splitlines()[-1])
+    assert failed["name"] == "no learning" and list(failed["figures"]) == ["peft"]
+    assert failed["figures"]["peft"]["failure"].startswith("refused: ")
