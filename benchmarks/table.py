@@ -1,6 +1,7 @@
 """The rows of benchmarks/run.py as the README's markdown tables (mean and spread over seeds), and plots.
 
     python benchmarks/table.py [FILE.jsonl ...] [--at 0.99,0.995] [--plot VARIANT --plot-out FILE.png]
+    python benchmarks/table.py benchmarks/results/lm.jsonl [--at 0.7]      # rows of the LM job (`"job": "lm"`)
 
 Reads every row of the files (default: benchmarks/results/*.jsonl) and groups them by variant: the row's name, or
 else the settings in which its spec differs from the demo's defaults ("the demo default" when none; the seed,
@@ -9,6 +10,10 @@ the same seed and job (settings). Prints per variant the mean ± sample standard
 dense accuracy change from PEFT's, its gain over PEFT + thresholds at each --at sparsity, and the usable
 sparsities per seed; then one line per variant and seed with the accuracies. --plot VARIANT draws that variant's
 mean frontier over its seeds (error bars: the seeds' range) on the grid points every seed scored.
+
+Rows of the LM job get their own tables (`lm_tables`): per variant, the mean ± sd over seeds of DEFT's dense
+perplexity change from PEFT's (%), the perplexities at each --at sparsity (both runs at "act", PEFT at "down_in"),
+the usable sparsities per capture point and seed; then one line per variant and seed; failed runs are listed.
 """
 
 from __future__ import annotations
@@ -19,8 +24,8 @@ import json
 import pathlib
 import statistics
 
-from deft_cli.demo import DemoSettings, demo_deft_config
-from deft_cli.frontier import plot_frontier, usable_sparsity
+from deft_cli.demo import DemoSettings, LmSettings, demo_deft_config, lm_deft_config
+from deft_cli.frontier import plot_frontier, usable_sparsity, usable_sparsity_perplexity
 
 HERE = pathlib.Path(__file__).resolve().parent
 IGNORED = ("seed", "model", "device")  # neither name a variant nor a job
@@ -39,8 +44,9 @@ def load(paths) -> list[dict]:
 def changes(row: dict) -> dict[str, object]:
     """What the row's spec changes from the demo's defaults ({"steps": 4, "deft.coef": 1.0, ...})."""
     spec = row["spec"]
-    defaults = dataclasses.asdict(DemoSettings())
-    deft = demo_deft_config(spec["settings"]["steps"]).to_dict()
+    settings, deft_config = (LmSettings, lm_deft_config) if is_lm(row) else (DemoSettings, demo_deft_config)
+    defaults = dataclasses.asdict(settings())
+    deft = deft_config(spec["settings"]["steps"]).to_dict()
     changed = {k: v for k, v in spec["settings"].items() if k not in IGNORED and v != defaults.get(k)}
     return changed | {f"deft.{k}": v for k, v in spec["deft_config"].items() if v != deft.get(k)}
 
@@ -59,22 +65,34 @@ def variant(row: dict, shared: dict | None = None) -> str:
     return ", ".join(changed) or "the demo default"
 
 
+def is_lm(row: dict) -> bool:
+    return row.get("job") == "lm"
+
+
 def job(row: dict) -> str:
     """What a PEFT run depends on: the settings but the DEFT ones (model path and device left out)."""
     return json.dumps({k: v for k, v in row["spec"]["settings"].items() if k not in ("model", "device")},
                       sort_keys=True)
 
 
-def comparisons(rows: list[dict]) -> list[dict]:
+def ran(row: dict, run: str) -> bool:
+    """Whether the row has figures of `run` (not a failure)."""
+    return run in row["figures"] and "failure" not in row["figures"][run]
+
+
+def comparisons(rows: list[dict], unmatched: list[str] | None = None) -> list[dict]:
     """One entry per row with a DEFT run: its variant, seed and both frontiers (PEFT's from a row of the same job
     when the row has none)."""
     shared = shared_changes(rows)
-    peft = {job(r): r["figures"]["peft"] for r in rows if "peft" in r["figures"]}
+    peft = {job(r): r["figures"]["peft"] for r in rows if ran(r, "peft")}
     out = []
     for row in rows:
-        if "deft" not in row["figures"]:
+        if not ran(row, "deft"):
             continue
         base = row["figures"].get("peft") or peft.get(job(row))
+        if base is None and unmatched is not None:
+            unmatched.append(f"{variant(row)}, seed {row['spec']['seed']}")
+            continue
         if base is None:
             raise SystemExit(f"a row of {variant(row)!r}, seed {row['spec']['seed']}, has no PEFT run to compare "
                              "with (none of the rows has the same job and seed)")
@@ -173,6 +191,48 @@ def plot_variant(entries: list[dict], name: str, path) -> None:
                   title=f"{name}, seeds {', '.join(str(e['seed']) for e in group)}: mean accuracy–sparsity frontier")
 
 
+def lm_tables(rows: list[dict], at=(0.7,)) -> str:
+    """The LM job's tables (module docstring): perplexities, and the failed runs."""
+    entries = comparisons(rows)
+
+    def ppl(figures: dict, sparsity: float, capture: str) -> float | None:
+        return next((p["perplexity"] for p in figures["frontier"]
+                     if p["sparsity"] == sparsity and p["capture"] == capture), None)
+
+    def change(e) -> float:
+        return 100 * (e["deft"]["perplexity"] / e["peft"]["perplexity"] - 1)
+
+    def mean_sd(values, form="{:.1f}") -> str:
+        values = [v for v in values if v is not None]
+        if len(values) < 2:
+            return form.format(values[0]) if values else "n/a"
+        return f"{form.format(statistics.mean(values))} ± {form.format(statistics.stdev(values))}"
+
+    def usable(e, run, capture) -> str:  # against the compared PEFT run (a DEFT-only row has none of its own)
+        sparsity = usable_sparsity_perplexity(e[run]["frontier"], e["peft"]["perplexity"], capture)
+        return "none" if sparsity is None else f"{sparsity:g}"
+
+    header = ["variant", "seeds", "DEFT dense vs PEFT (%)"]
+    header += [f"{name} @{s:g}" for s in at for name in ("PEFT act", "DEFT act", "PEFT down_in")]
+    header += [f"usable {run} {c}" for run in ("PEFT", "DEFT") for c in ("act", "down_in")]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, group in grouped(entries).items():
+        cells = [name, ",".join(str(e["seed"]) for e in group), mean_sd([change(e) for e in group], "{:+.1f}")]
+        for s in at:
+            cells += [mean_sd([ppl(e[run], s, c) for e in group])
+                      for run, c in (("peft", "act"), ("deft", "act"), ("peft", "down_in"))]
+        cells += [" / ".join(usable(e, run, c) for e in group) for run in ("peft", "deft") for c in ("act", "down_in")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| variant | seed | PEFT dense | DEFT dense | base |", "|---|---|---|---|---|"]
+    for name, group in grouped(entries).items():
+        for e in group:
+            lines.append(f"| {name} | {e['seed']} | {e['peft']['perplexity']:.2f} | {e['deft']['perplexity']:.2f} | "
+                         f"{e['peft']['base']['perplexity']:.2f} |")
+    failed = [f"- {variant(r)}, seed {r['spec']['seed']}: {run}: {f['failure']}"
+              for r in rows for run, f in r["figures"].items() if "failure" in f]
+    return "\n".join(lines + (["", "failed runs:", *failed] if failed else []))
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="*", help="JSONL files of benchmarks/run.py (default: benchmarks/results/*.jsonl)")
@@ -181,10 +241,18 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--plot-out", metavar="FILE.png", default="frontier.png", help="default %(default)s")
     args = parser.parse_args(argv)
     rows = load(args.files or sorted((HERE / "results").glob("*.jsonl")))
-    entries = comparisons(rows)
+    lm_rows, rows = [r for r in rows if is_lm(r)], [r for r in rows if not is_lm(r)]
     at = tuple(float(s) for s in args.at.split(","))
-    shared = ", ".join(f"{k}={v}" for k, v in shared_changes(rows).items())
-    text = (f"every row: {shared}\n\n" if shared else "") + summary_table(entries, at) + "\n\n" + seed_table(entries, at)
+    unmatched = []
+    parts, entries = [], comparisons(rows, unmatched)
+    if unmatched:
+        parts.append("not compared (no row of the same job and seed has a PEFT run): " + "; ".join(unmatched))
+    if rows:
+        shared = ", ".join(f"{k}={v}" for k, v in shared_changes(rows).items())
+        parts += [(f"every row: {shared}\n\n" if shared else "") + summary_table(entries, at), seed_table(entries, at)]
+    if lm_rows:
+        parts.append("LM job\n\n" + lm_tables(lm_rows, at if args.at != parser.get_default("at") else (0.7,)))
+    text = "\n\n".join(parts)
     print(text)
     if args.plot:
         plot_variant(entries, args.plot, args.plot_out)

@@ -107,3 +107,7 @@ def test_runner_records_the_lm_job_and_its_failures(tmp_path):
     failed = json.loads(out.read_text().splitlines()[-1])
     assert failed["name"] == "no learning" and list(failed["figures"]) == ["peft"]
     assert failed["figures"]["peft"]["failure"].startswith("refused: ")
+
+    text = load("table").main([str(out)])  # the LM job's tables: the row, and the failure listed
+    assert any(line.startswith("| tiny | 0 | ") for line in text.splitlines())
+    assert "failed runs:" in text and "- no learning, seed 0: peft: refused: " in text
