@@ -17,6 +17,7 @@ from .errors import DeftConfigError
 CAPTURE_POINTS = ("act", "down_in")
 SETPOINT_SCHEDULES = ("linear", "geometric")
 SETPOINT_GRADIENTS = ("mask", "ste")
+SURROGATES = ("paper", "l1")
 
 # A string of the form "2-5" or "2:5" selects a range of layer indices (inclusive "-", Python-style ":").
 _RANGE = re.compile(r"^\s*(\d+)\s*([-:])\s*(\d+)\s*$")
@@ -36,6 +37,11 @@ class DeftConfig:
     )})
     eps: float = field(default=1e-7, metadata={"help": (
         'ε of the surrogate s(a) = a² / (a² + ε) (paper: 1e-7).'
+    )})
+    surrogate: str = field(default="paper", metadata={"help": (
+        'what the density loss averages per entry: `"paper"`, s(a) = a² / (a² + ε), a smooth count of the '
+        'non-zeros whose gradient lives only near 0; `"l1"`, |a|, the L1 penalty of ProSparse and arXiv 2603.23198, '
+        'whose gradient pulls every activation toward 0 (`eps` unused).'
     )})
     threshold: float = field(default=0.0, metadata={"help": (
         "τ of the density metric: an entry counts as active when |a| > τ (0 = exact non-zeros, the paper's "
@@ -119,6 +125,7 @@ class DeftConfig:
     def __post_init__(self) -> None:
         _check_number("coef", self.coef, minimum=0.0, fix="use 0 to only measure density, or a positive weight such as 1.0")
         _check_number("eps", self.eps, minimum=0.0, strict=True, fix="use a small positive value such as 1e-7 (the paper's)")
+        check_choice("DeftConfig.surrogate", self.surrogate, SURROGATES)
         _check_number("threshold", self.threshold, minimum=0.0, fix="use 0 for exact non-zeros, or a small positive τ such as 1e-3")
         if self.capture not in CAPTURE_POINTS:
             raise DeftConfigError(

@@ -78,7 +78,8 @@ class DensityTracker:
             return None  # inference, eval, generate(), or counting only outside record(): no work, nothing kept
         pad_rows, real_rows = self._capture.pad_rows(site, a) if recording else (None, 0)
         if self._density_loss:
-            routed, ssum, active = density_tap(a, pad_rows, self.config.eps, self.thresholds)
+            routed, ssum, active = density_tap(a, pad_rows, self.config.eps, self.thresholds,
+                                               l1=self.config.surrogate == "l1")
         else:
             active = count_active(a, pad_rows, self.thresholds, positive_zeros=has_only_positive_zeros(a))
             routed, ssum = None, torch.zeros((), device=a.device)
@@ -123,7 +124,8 @@ class DensityTracker:
 
     # ----------------------------------------------------------------- results
     def layer_losses(self) -> dict[str, torch.Tensor]:
-        """Per MLP block: the mean of s(a) over real entries (fp32, differentiable in training)."""
+        """Per MLP block: the mean of s(a) (DeftConfig.surrogate "l1": |a|) over real entries (fp32, differentiable in
+        training)."""
         if not self._records:
             raise RuntimeError(
                 "DensityTracker recorded no MLP activation: run the model inside `with tracker.record(...)`"
@@ -131,7 +133,8 @@ class DensityTracker:
         return {name: rec.surrogate_sum / rec.entries for name, rec in self._records.items() if rec.entries}
 
     def density_loss(self) -> torch.Tensor:
-        """Mean over layers of the per-layer mean of s(a) = a²/(a²+ε) over real tokens (fp32 scalar).
+        """Mean over layers of the per-layer mean of s(a) = a²/(a²+ε) (DeftConfig.surrogate "l1": |a|) over real
+        tokens (fp32 scalar).
         With DeftConfig(adaptive=True): the ADA-DEFT weighted form (deft_common.adaptive_weights)."""
         layer_losses = self.layer_losses()
         if self.adaptive is not None and layer_losses:

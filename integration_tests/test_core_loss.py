@@ -119,6 +119,24 @@ def test_training_gradient_equals_the_formula_with_padding(family, capture):
     assert_grads_close(got, expected)
 
 
+@pytest.mark.parametrize("family, capture", [("bert", "act"), ("llama", "act"), ("llama", "down_in"), ("t5", "act")])
+def test_l1_surrogate_loss_and_training_gradient_equal_the_formula(family, capture):
+    """DeftConfig(surrogate="l1"): the density loss is the mean of |a| over real entries, and task + loss trains
+    with the gradient of that formula (padding rows get only the model's)."""
+    model = make_model(family)
+    batch = make_batch(family, padding=True)
+    tracker = DensityTracker(model, DeftConfig(capture=capture, surrogate="l1"))
+    with ActivationRecorder(family, model, capture) as recorder, tracker.record(**tracker.masks_for(batch)):
+        task = model(**batch).loss
+    masks = real_token_masks(family, batch)
+    expected = hand_loss(recorder, masks, 0.0, torch.float64, l1=True)
+    torch.testing.assert_close(tracker.density_loss().double(), expected.detach(), rtol=1e-6, atol=1e-7)
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = torch.autograd.grad(task + tracker.density_loss(), params, retain_graph=True, allow_unused=True)
+    want = torch.autograd.grad(task + hand_loss(recorder, masks, 0.0, l1=True), params, allow_unused=True)
+    assert_grads_close(got, want)
+
+
 def test_a_gradient_shared_with_another_branch_is_not_changed():
     """Autograd hands an addition's gradient to both of its inputs as one tensor; adding the surrogate's gradient
     to it in place would corrupt the other input's gradient."""
