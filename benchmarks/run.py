@@ -76,9 +76,6 @@ def settings_fields(job: str) -> set[str]:
     return {f.name for f in dataclasses.fields(JOBS[job][0])} - {"deft", "out"}
 
 
-SETTINGS_FIELDS = settings_fields("classify")
-
-
 @dataclasses.dataclass
 class Spec:
     settings: DemoSettings
