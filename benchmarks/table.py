@@ -206,7 +206,7 @@ def lm_tables(rows: list[dict], at=(0.7,)) -> str:
         values = [v for v in values if v is not None]
         if len(values) < 2:
             return form.format(values[0]) if values else "n/a"
-        return f"{form.format(statistics.mean(values))} ± {form.format(statistics.stdev(values))}"
+        return f"{form.format(statistics.mean(values))} ± {statistics.stdev(values):.1f}"
 
     def usable(e, run, capture) -> str:  # against the compared PEFT run (a DEFT-only row has none of its own)
         sparsity = usable_sparsity_perplexity(e[run]["frontier"], e["peft"]["perplexity"], capture)
