@@ -132,7 +132,7 @@ def git_state() -> dict:
 
     try:
         commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--", ".", ":(exclude)benchmarks/results"))
+        dirty = bool(git("status", "--porcelain", "--", ":/", ":(top,exclude)benchmarks/results"))
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None, "dirty": None}
     return {"commit": commit, "dirty": dirty}
