@@ -105,14 +105,14 @@ def accuracy_at(figures: dict, sparsity: float) -> float | None:
     return next((p["accuracy"] for p in figures["frontier"] if p["sparsity"] == sparsity), None)
 
 
-def spread(values: list[float]) -> str:
-    """Mean ± sample standard deviation (one value: the value alone; none: n/a)."""
+def spread(values: list[float], form: str = "{:+.1f}") -> str:
+    """Mean ± sample standard deviation, the mean in `form` (one value: the value alone; none: n/a)."""
     values = [v for v in values if v is not None]
     if not values:
         return "n/a"
     if len(values) == 1:
-        return f"{values[0]:+.1f}"
-    return f"{statistics.mean(values):+.1f} ± {statistics.stdev(values):.1f}"
+        return form.format(values[0])
+    return f"{form.format(statistics.mean(values))} ± {statistics.stdev(values):.1f}"
 
 
 def usable_cell(sparsity) -> str:
@@ -202,12 +202,6 @@ def lm_tables(rows: list[dict], at=(0.7,)) -> str:
     def change(e) -> float:
         return 100 * (e["deft"]["perplexity"] / e["peft"]["perplexity"] - 1)
 
-    def mean_sd(values, form="{:.1f}") -> str:
-        values = [v for v in values if v is not None]
-        if len(values) < 2:
-            return form.format(values[0]) if values else "n/a"
-        return f"{form.format(statistics.mean(values))} ± {statistics.stdev(values):.1f}"
-
     def usable(e, run, capture) -> str:  # against the compared PEFT run (a DEFT-only row has none of its own)
         sparsity = usable_sparsity_perplexity(e[run]["frontier"], e["peft"]["perplexity"], capture)
         return "none" if sparsity is None else f"{sparsity:g}"
@@ -217,9 +211,9 @@ def lm_tables(rows: list[dict], at=(0.7,)) -> str:
     header += [f"usable {run} {c}" for run in ("PEFT", "DEFT") for c in ("act", "down_in")]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, group in grouped(entries).items():
-        cells = [name, ",".join(str(e["seed"]) for e in group), mean_sd([change(e) for e in group], "{:+.1f}")]
+        cells = [name, ",".join(str(e["seed"]) for e in group), spread([change(e) for e in group])]
         for s in at:
-            cells += [mean_sd([ppl(e[run], s, c) for e in group])
+            cells += [spread([ppl(e[run], s, c) for e in group], "{:.1f}")
                       for run, c in (("peft", "act"), ("deft", "act"), ("peft", "down_in"))]
         cells += [" / ".join(usable(e, run, c) for e in group) for run in ("peft", "deft") for c in ("act", "down_in")]
         lines.append("| " + " | ".join(cells) + " |")

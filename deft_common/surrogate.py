@@ -68,6 +68,10 @@ def surrogate_stats(
     return ssum, active
 
 
+# Integer views of the float dtypes, for counting non-zeros on the bits (count_active).
+BIT_VIEWS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
 @torch.no_grad()
 def count_active(a: torch.Tensor, pad_rows: torch.Tensor | None, thresholds: tuple[float, ...],
                  positive_zeros: bool = False) -> torch.Tensor:
@@ -88,9 +92,6 @@ def count_active(a: torch.Tensor, pad_rows: torch.Tensor | None, thresholds: tup
     return active
 
 
-BIT_VIEWS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
-
-
 def add_surrogate_grad(
     grad: torch.Tensor, a: torch.Tensor, scale: torch.Tensor, pad_rows: torch.Tensor | None, eps: float,
     l1: bool = False
@@ -106,10 +107,11 @@ def add_surrogate_grad(
     # Divide the denominator by the scale (a tensor: no host sync on GPU); scale 0 gives +inf, i.e. no change.
     inv_scale = (eps / 2.0) / scale.float()
     one = torch.ones((), dtype=torch.float32, device=a.device)
+    scale32 = scale.float()
     for rows, buf in _row_chunks(a):
         x = a[rows].float()
         if l1:
-            torch.addcmul(grad[rows], torch.sign(x, out=buf), scale.float(), out=out[rows])
+            torch.addcmul(grad[rows], torch.sign(x, out=buf), scale32, out=out[rows])
             continue
         torch.addcmul(one, x, x, value=1.0 / eps, out=buf).square_().mul_(inv_scale)  # (1 + a²/ε)² · ε / (2·scale)
         torch.addcdiv(grad[rows], x, buf, out=out[rows])

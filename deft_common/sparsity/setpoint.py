@@ -24,8 +24,8 @@ sqrt(s (1 - s) / 65,536) (±0.00028 at s = 0.995, ±0.0012 at s = 0.9). Nothing 
 forward on a GPU (τ stays a tensor; on CPU, where reading it costs nothing, τ is a number, so the mask is one fused
 pass), and no copy of the activation is made beyond the sample; on CPU the mask zeroes the activation in place when
 the op that made it did not keep it for backward (sparsity.zeroing.may_overwrite), so a hook registered before the
-set-point that keeps the activation sees it masked. A gradient-checkpoint recompute reuses the τ of its forward. It is the "setpoint" stage of deft_common.capture, so the density tracker
-measures what it leaves. The mask acts only when the hooked module is in training mode and gradients are enabled:
+set-point that keeps the activation sees it masked. A gradient-checkpoint recompute reuses the τ of its forward.
+It is the "setpoint" stage of deft_common.capture, so the density tracker measures what it leaves. The mask acts only when the hooked module is in training mode and gradients are enabled:
 evaluation and generate() see the model untouched. With `dense_every=n` every n-th optimizer step trains without
 the mask, so the model learns to be accurate both dense and thresholded.
 

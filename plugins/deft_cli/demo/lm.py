@@ -274,7 +274,7 @@ def decode_sparsities(points: list[dict], reference: float, own_dense: float) ->
     for capture in LM_CAPTURES:
         usable = usable_sparsity_perplexity(points, reference, capture)
         if usable:
-            chosen[capture], rules[capture] = usable, "usable sparsity (within 5% of dense PEFT)"
+            chosen[capture], rules[capture] = usable, f"usable sparsity (within {PERPLEXITY_TOLERANCE:.0%} of dense PEFT)"
         else:
             own = usable_sparsity_perplexity(points, own_dense, capture) or 0.0
             chosen[capture] = own
