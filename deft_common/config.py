@@ -17,7 +17,7 @@ from .errors import DeftConfigError
 CAPTURE_POINTS = ("act", "down_in")
 SETPOINT_SCHEDULES = ("linear", "geometric")
 SETPOINT_GRADIENTS = ("mask", "ste")
-SURROGATES = ("paper", "l1")
+SURROGATES = ("paper", "l1", "setpoint")
 
 # A string of the form "2-5" or "2:5" selects a range of layer indices (inclusive "-", Python-style ":").
 _RANGE = re.compile(r"^\s*(\d+)\s*([-:])\s*(\d+)\s*$")
@@ -41,7 +41,9 @@ class DeftConfig:
     surrogate: str = field(default="paper", metadata={"help": (
         'what the density loss averages per entry: `"paper"`, s(a) = a² / (a² + ε), a smooth count of the '
         'non-zeros whose gradient lives only near 0; `"l1"`, |a|, the L1 penalty of ProSparse and arXiv 2603.23198, '
-        'whose gradient pulls every activation toward 0 (`eps` unused).'
+        'whose gradient pulls every activation toward 0 (`eps` unused); `"setpoint"`, min(|a|, τ) / τ with τ the '
+        "block's latest set-point threshold (needs `sparsity_setpoint`): on the set-point's dense steps its gradient "
+        'pulls toward 0 only the activations the mask removes, and leaves those it keeps alone.'
     )})
     threshold: float = field(default=0.0, metadata={"help": (
         "τ of the density metric: an entry counts as active when |a| > τ (0 = exact non-zeros, the paper's "
@@ -181,6 +183,9 @@ class DeftConfig:
         check_choice("DeftConfig.setpoint_schedule", self.setpoint_schedule, SETPOINT_SCHEDULES)
         check_choice("DeftConfig.setpoint_gradient", self.setpoint_gradient, SETPOINT_GRADIENTS)
         check_dense_every("DeftConfig.setpoint_dense_every", self.setpoint_dense_every)
+        if self.surrogate == "setpoint" and self.sparsity_setpoint is None:
+            raise DeftConfigError("DeftConfig.surrogate='setpoint' bends at the set-point's thresholds; set "
+                                  "sparsity_setpoint too (e.g. 0.7), or use surrogate='paper' or 'l1'")
         for name in ("setpoint_ramp_steps", "setpoint_dense_every"):
             if self.sparsity_setpoint is None and getattr(self, name):
                 raise DeftConfigError(f"DeftConfig.{name} acts on the sparsity set-point; set "

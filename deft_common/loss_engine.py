@@ -63,11 +63,10 @@ class DensityLossEngine:
             self._windows = dict.fromkeys(MODES)  # other blocks, other per-block keys
         return self.tracker
 
-    @staticmethod
-    def _tracker(model: nn.Module, config) -> DensityTracker:
+    def _tracker(self, model: nn.Module, config) -> DensityTracker:
         # Measuring only (coef 0, e.g. the set-point alone): the tracker counts and skips the density loss's work.
         measures_only = isinstance(config, DeftConfig) and config.measures_only and not config.adaptive
-        return DensityTracker(model, config, density_loss=not measures_only)
+        return DensityTracker(model, config, density_loss=not measures_only, setpoint=self.setpoint)
 
     def recording(self, inputs, step: int | None = None) -> AbstractContextManager:
         """Record the forward of the model-input batch `inputs` (its attention and decoder masks). `step`: the

@@ -1,5 +1,7 @@
-"""The density loss kernel: s(a) = a² / (a² + ε) (or, with l1=True, |a|), summed over real token rows, in one
-autograd op that sits on the activation's own path.
+"""The density loss kernel: s(a) summed over real token rows, in one autograd op that sits on the activation's own
+path. `surrogate` names s (DeftConfig.surrogate): "paper", a² / (a² + ε); "l1", |a|; "setpoint", min(|a|, τ) / τ
+with τ the block's set-point threshold. `knee` is where s bends: ε for "paper", τ for "setpoint" (a float or a
+0-dim tensor, so τ is never read back to the host), unused for "l1".
 
 `density_tap(a, ...)` returns `a` unchanged (a view) together with Σ s(a) and the active-entry counts. The hook
 puts that view in place of the activation, so the op's backward receives the gradient flowing into `a` from the
@@ -32,14 +34,16 @@ def _row_chunks(a: torch.Tensor):
         yield slice(start, stop), buf[: stop - start]
 
 
-def _chunk_stats(x: torch.Tensor, buf: torch.Tensor, eps: float, thresholds: tuple[float, ...], l1: bool = False):
-    """(Σ s(x) (l1: Σ |x|) as an fp32 scalar, entries with |x| > τ for each τ) of a 2-D chunk; `buf` is fp32 scratch
-    of x's shape."""
+def _chunk_stats(x: torch.Tensor, buf: torch.Tensor, surrogate: str, knee, thresholds: tuple[float, ...]):
+    """(Σ s(x) as an fp32 scalar, entries with |x| > τ for each τ) of a 2-D chunk; `buf` is fp32 scratch of x's
+    shape."""
     xf = x.float()
-    if l1:
+    if surrogate == "l1":
         torch.abs(xf, out=buf)
+    elif surrogate == "setpoint":
+        torch.abs(xf, out=buf).clamp_(max=knee).div_(knee)  # min(|a|, τ) / τ
     else:
-        torch.addcmul(buf.new_full((), eps), xf, xf, out=buf)  # a² + ε (never below ε: no denormals)
+        torch.addcmul(buf.new_full((), knee), xf, xf, out=buf)  # a² + ε (never below ε: no denormals)
         torch.div(xf, buf, out=buf).mul_(xf)  # a · a/(a² + ε) = s(a)
     counts = [torch.count_nonzero(x if tau == 0.0 else x.abs() > tau) for tau in thresholds]
     return buf.sum(), torch.stack(counts)
@@ -47,22 +51,22 @@ def _chunk_stats(x: torch.Tensor, buf: torch.Tensor, eps: float, thresholds: tup
 
 @torch.no_grad()
 def surrogate_stats(
-    a: torch.Tensor, pad_rows: torch.Tensor | None, eps: float, thresholds: tuple[float, ...], l1: bool = False
+    a: torch.Tensor, pad_rows: torch.Tensor | None, surrogate: str, knee, thresholds: tuple[float, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """For an activation `a` (..., hidden) seen as rows of `hidden` entries: Σ over real rows of Σ_j s(a_ij)
-    (l1: |a_ij|; fp32 scalar), and for each threshold τ the number of entries with |a| > τ in real rows (int64
-    vector). `pad_rows` holds the indices of the padding rows (None = every row is real)."""
+    """For an activation `a` (..., hidden) seen as rows of `hidden` entries: Σ over real rows of Σ_j s(a_ij) (fp32
+    scalar), and for each threshold τ the number of entries with |a| > τ in real rows (int64 vector). `pad_rows`
+    holds the indices of the padding rows (None = every row is real)."""
     a = a.reshape(-1, a.shape[-1])
     ssum = torch.zeros((), dtype=torch.float32, device=a.device)
     active = torch.zeros(len(thresholds), dtype=torch.int64, device=a.device)
     for rows, buf in _row_chunks(a):
-        chunk_sum, chunk_active = _chunk_stats(a[rows], buf, eps, thresholds, l1)
+        chunk_sum, chunk_active = _chunk_stats(a[rows], buf, surrogate, knee, thresholds)
         ssum += chunk_sum
         active += chunk_active
     if pad_rows is not None:
         x = a[pad_rows]
-        pad_sum, pad_active = _chunk_stats(x, torch.empty(x.shape, dtype=torch.float32, device=a.device), eps,
-                                           thresholds, l1)
+        pad_sum, pad_active = _chunk_stats(x, torch.empty(x.shape, dtype=torch.float32, device=a.device), surrogate,
+                                           knee, thresholds)
         ssum -= pad_sum
         active -= pad_active
     return ssum, active
@@ -93,28 +97,34 @@ def count_active(a: torch.Tensor, pad_rows: torch.Tensor | None, thresholds: tup
 
 
 def add_surrogate_grad(
-    grad: torch.Tensor, a: torch.Tensor, scale: torch.Tensor, pad_rows: torch.Tensor | None, eps: float,
-    l1: bool = False
+    grad: torch.Tensor, a: torch.Tensor, scale: torch.Tensor, pad_rows: torch.Tensor | None, surrogate: str, knee
 ) -> torch.Tensor:
-    """grad + scale · s'(a) on the real rows (padding rows keep `grad`), s'(a) = 2εa / (a² + ε)², written as
-    (2/ε) · a / (1 + a²/ε)² so that no intermediate is denormal even for tiny ε (l1: grad + scale · sign(a)).
-    Written into `grad` itself when nothing else holds it (see `owned`), else into a new tensor."""
+    """grad + scale · s'(a) on the real rows (padding rows keep `grad`). "paper": s'(a) = 2εa / (a² + ε)², written
+    as (2/ε) · a / (1 + a²/ε)² so that no intermediate is denormal even for tiny ε; "l1": sign(a); "setpoint":
+    sign(a) / τ below τ, 0 above. Written into `grad` itself when nothing else holds it (see `owned`), else into a
+    new tensor."""
     in_place = owned(grad)  # before any view of it exists
     shape = grad.shape
     a, grad = a.reshape(-1, a.shape[-1]), grad.reshape(-1, a.shape[-1])
     out = grad if in_place else torch.empty_like(grad)
     kept = grad[pad_rows] if pad_rows is not None else None  # a copy (advanced indexing)
-    # Divide the denominator by the scale (a tensor: no host sync on GPU); scale 0 gives +inf, i.e. no change.
-    inv_scale = (eps / 2.0) / scale.float()
-    one = torch.ones((), dtype=torch.float32, device=a.device)
     scale32 = scale.float()
+    if surrogate == "paper":
+        # Divide the denominator by the scale (a tensor: no host sync on GPU); scale 0 gives +inf, i.e. no change.
+        inv_scale = (knee / 2.0) / scale32
+        one = torch.ones((), dtype=torch.float32, device=a.device)
+    elif surrogate == "setpoint":
+        scale32 = scale32 / knee
     for rows, buf in _row_chunks(a):
         x = a[rows].float()
-        if l1:
+        if surrogate == "l1":
             torch.addcmul(grad[rows], torch.sign(x, out=buf), scale32, out=out[rows])
-            continue
-        torch.addcmul(one, x, x, value=1.0 / eps, out=buf).square_().mul_(inv_scale)  # (1 + a²/ε)² · ε / (2·scale)
-        torch.addcdiv(grad[rows], x, buf, out=out[rows])
+        elif surrogate == "setpoint":
+            torch.sign(x, out=buf).mul_(x.abs() < knee)  # sign(a) where |a| < τ
+            torch.addcmul(grad[rows], buf, scale32, out=out[rows])
+        else:
+            torch.addcmul(one, x, x, value=1.0 / knee, out=buf).square_().mul_(inv_scale)  # (1 + a²/ε)² · ε/(2·scale)
+            torch.addcdiv(grad[rows], x, buf, out=out[rows])
     if kept is not None:
         out[pad_rows] = kept
     return out.reshape(shape)
@@ -134,13 +144,13 @@ def owned(grad: torch.Tensor) -> bool:
 
 class _DensityTap(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, pad_rows, eps, thresholds, l1):
-        # Only `a` goes through save_for_backward. The padding rows sit on ctx, so a gradient-checkpoint
+    def forward(ctx, a, pad_rows, surrogate, knee, thresholds):
+        # Only `a` goes through save_for_backward. The padding rows (and τ) sit on ctx, so a gradient-checkpoint
         # recompute (which runs without them) saves exactly the same tensors as the original forward.
         ctx.save_for_backward(a)
-        ctx.pad_rows, ctx.eps, ctx.l1 = pad_rows, eps, l1
+        ctx.pad_rows, ctx.surrogate, ctx.knee = pad_rows, surrogate, knee
         ctx.set_materialize_grads(False)  # an unused sum (a forward outside record()) costs nothing in backward
-        ssum, active = surrogate_stats(a, pad_rows, eps, thresholds, l1)
+        ssum, active = surrogate_stats(a, pad_rows, surrogate, knee, thresholds)
         ctx.mark_non_differentiable(active)
         return a.view_as(a), ssum, active
 
@@ -151,16 +161,15 @@ class _DensityTap(torch.autograd.Function):
         (a,) = ctx.saved_tensors
         if grad_a is None:
             grad_a = torch.zeros_like(a)
-        return add_surrogate_grad(grad_a, a, grad_sum, ctx.pad_rows, ctx.eps, ctx.l1), None, None, None, None
+        return add_surrogate_grad(grad_a, a, grad_sum, ctx.pad_rows, ctx.surrogate, ctx.knee), None, None, None, None
 
 
 def density_tap(
-    a: torch.Tensor, pad_rows: torch.Tensor | None, eps: float, thresholds: tuple[float, ...], l1: bool = False
+    a: torch.Tensor, pad_rows: torch.Tensor | None, surrogate: str, knee, thresholds: tuple[float, ...]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(a view of `a` to use in its place, Σ s(a) (l1: Σ |a|) over real rows, active counts; see
-    `surrogate_stats`). Differentiable when `a` needs a gradient: the view carries the surrogate's gradient back
-    into `a`."""
+    """(a view of `a` to use in its place, Σ s(a) over real rows, active counts; see `surrogate_stats`).
+    Differentiable when `a` needs a gradient: the view carries the surrogate's gradient back into `a`."""
     if torch.is_grad_enabled() and a.requires_grad:
-        return _DensityTap.apply(a, pad_rows, eps, thresholds, l1)
-    ssum, active = surrogate_stats(a, pad_rows, eps, thresholds, l1)
+        return _DensityTap.apply(a, pad_rows, surrogate, knee, thresholds)
+    ssum, active = surrogate_stats(a, pad_rows, surrogate, knee, thresholds)
     return a, ssum, active

@@ -40,12 +40,20 @@ class _LayerRecord:
 
 
 class DensityTracker:
-    def __init__(self, model: nn.Module, config: DeftConfig | None = None, density_loss: bool = True):
+    def __init__(self, model: nn.Module, config: DeftConfig | None = None, density_loss: bool = True,
+                 setpoint=None):
         """density_loss=False: only count the active entries (density()); density_loss() is then 0 and training
-        forwards cost one count per block (what DensityLossEngine does when coef is 0)."""
+        forwards cost one count per block (what DensityLossEngine does when coef is 0). setpoint: the
+        SparsitySetpoint on the model, whose thresholds DeftConfig.surrogate "setpoint" bends at (DensityLossEngine
+        passes it)."""
         self.config = config if config is not None else DeftConfig()
         if not isinstance(self.config, DeftConfig):
             raise DeftConfigError(f"DensityTracker needs a deft_common.DeftConfig, got {type(self.config).__name__}")
+        if self.config.surrogate == "setpoint" and density_loss and setpoint is None:
+            raise DeftConfigError("DeftConfig.surrogate='setpoint' needs the set-point's thresholds: build the "
+                                  "tracker through DensityLossEngine (every adapter does), or pass "
+                                  "DensityTracker(..., setpoint=SparsitySetpoint.from_config(model, config))")
+        self.setpoint = setpoint
         self.model = model
         self.is_encoder_decoder = is_encoder_decoder(model)
         self.sites: list[MlpSite] = find_mlp_sites(model, self.config)
@@ -78,8 +86,8 @@ class DensityTracker:
             return None  # inference, eval, generate(), or counting only outside record(): no work, nothing kept
         pad_rows, real_rows = self._capture.pad_rows(site, a) if recording else (None, 0)
         if self._density_loss:
-            routed, ssum, active = density_tap(a, pad_rows, self.config.eps, self.thresholds,
-                                               l1=self.config.surrogate == "l1")
+            routed, ssum, active = density_tap(a, pad_rows, self.config.surrogate, self._knee(site, a),
+                                               self.thresholds)
         else:
             active = count_active(a, pad_rows, self.thresholds, positive_zeros=has_only_positive_zeros(a))
             routed, ssum = None, torch.zeros((), device=a.device)
@@ -91,6 +99,15 @@ class DensityTracker:
         # In a training graph the activation always goes through the op, recording or not, so that a gradient
         # checkpoint recompute (which runs outside record()) saves the same tensors as the original forward.
         return routed if training_graph else None
+
+    def _knee(self, site: MlpSite, a: torch.Tensor):
+        """Where the block's s(a) bends: ε, or for surrogate "setpoint" the set-point's latest τ of the block (on a
+        dense step, that of the masked step before; before the first masked forward +inf, so s and its gradient
+        are 0)."""
+        if self.config.surrogate != "setpoint":
+            return self.config.eps
+        tau = self.setpoint.threshold(site.name)
+        return tau if tau is not None else a.new_full((), float("inf"), dtype=torch.float32)
 
     # --------------------------------------------------------------- recording
     @contextmanager
@@ -124,8 +141,8 @@ class DensityTracker:
 
     # ----------------------------------------------------------------- results
     def layer_losses(self) -> dict[str, torch.Tensor]:
-        """Per MLP block: the mean of s(a) (DeftConfig.surrogate "l1": |a|) over real entries (fp32, differentiable in
-        training)."""
+        """Per MLP block: the mean of s(a) (DeftConfig.surrogate, deft_common.surrogate) over real entries (fp32,
+        differentiable in training)."""
         if not self._records:
             raise RuntimeError(
                 "DensityTracker recorded no MLP activation: run the model inside `with tracker.record(...)`"
@@ -133,8 +150,8 @@ class DensityTracker:
         return {name: rec.surrogate_sum / rec.entries for name, rec in self._records.items() if rec.entries}
 
     def density_loss(self) -> torch.Tensor:
-        """Mean over layers of the per-layer mean of s(a) = a²/(a²+ε) (DeftConfig.surrogate "l1": |a|) over real
-        tokens (fp32 scalar).
+        """Mean over layers of the per-layer mean of s(a) over real tokens (fp32 scalar): the paper's a²/(a²+ε), or
+        the DeftConfig.surrogate chosen.
         With DeftConfig(adaptive=True): the ADA-DEFT weighted form (deft_common.adaptive_weights)."""
         layer_losses = self.layer_losses()
         if self.adaptive is not None and layer_losses:

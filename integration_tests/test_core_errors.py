@@ -35,6 +35,7 @@ from fixtures import make_batch, make_model
         ({"setpoint_schedule": "cosine"}, "setpoint_schedule", "'geometric'"),
         ({"setpoint_gradient": "straight"}, "setpoint_gradient", "'ste'"),
         ({"surrogate": "l2"}, "surrogate", "'l1'"),
+        ({"surrogate": "setpoint"}, "surrogate", "set sparsity_setpoint too"),
         ({"sparsity_setpoint": 0.9, "setpoint_dense_every": 1}, "setpoint_dense_every", "use 2"),
         ({"sparsity_setpoint": 0.9, "setpoint_dense_every": -2}, "setpoint_dense_every", "whole number >= 0"),
         ({"setpoint_dense_every": 2}, "setpoint_dense_every", "set sparsity_setpoint too"),

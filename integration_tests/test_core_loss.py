@@ -13,7 +13,8 @@ from core_reference import (
     hand_loss,
     real_token_masks,
 )
-from deft_common import DeftConfig, DensityTracker
+from deft_common import DeftConfig, DensityLossEngine, DensityTracker
+from deft_common.errors import DeftConfigError
 from deft_common.surrogate import density_tap
 from fixtures import ENCODER_DECODER, make_batch, make_model
 
@@ -137,6 +138,53 @@ def test_l1_surrogate_loss_and_training_gradient_equal_the_formula(family, captu
     assert_grads_close(got, want)
 
 
+@pytest.mark.parametrize("family, capture", [("llama", "act"), ("llama", "down_in"), ("bert", "act")])
+def test_setpoint_surrogate_bends_at_the_setpoints_threshold(family, capture):
+    """DeftConfig(surrogate="setpoint"): on a masked step the density loss is the share the mask kept, with no
+    gradient; on the dense step after it, the mean of min(|a|, τ) / τ with each block's τ of that masked step, and
+    task + loss trains with the gradient of that formula (sign(a) / τ below τ, nothing above; padding rows get
+    only the model's)."""
+    model = make_model(family)
+    batch = make_batch(family, padding=True)
+    masks = real_token_masks(family, batch)
+    config = DeftConfig(capture=capture, coef=1.0, surrogate="setpoint", sparsity_setpoint=0.6,
+                        setpoint_dense_every=2)
+    engine = DensityLossEngine(model, config)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    with engine.recording(batch, step=0):  # masked: what the tracker sees is 0 or above τ
+        model(**batch)
+    masked_term = engine.term(0)
+    taus = {name: float(t) for name, t in engine.setpoint.last_thresholds.items()}
+    assert len(taus) == len(engine.tracker.sites) and all(t > 0 for t in taus.values())
+    assert masked_term.item() == pytest.approx(engine.tracker.mean_density(0.0), abs=1e-6)
+    assert 0.3 < masked_term.item() < 0.5
+    assert all(g is None or g.abs().sum() == 0
+               for g in torch.autograd.grad(masked_term, params, allow_unused=True))
+
+    with ActivationRecorder(family, model, capture) as recorder, engine.recording(batch, step=1):  # dense
+        task = model(**batch).loss
+    term = engine.term(1)
+    expected_layers = {}
+    for block, (a,) in recorder.acts.items():
+        mask = masks[recorder.stacks[block]]
+        a = a.reshape(*mask.shape, a.shape[-1])
+        expected_layers[block] = (a.abs().clamp(max=taus[block]) / taus[block])[mask].mean()
+    expected = torch.stack(list(expected_layers.values())).mean()
+    torch.testing.assert_close(term, expected, rtol=1e-5, atol=1e-6)
+    assert 0.5 < term.item() < 0.9  # the dense activations below τ count by their share of τ
+    assert any(g is not None and g.abs().sum() > 0
+               for g in torch.autograd.grad(term, params, retain_graph=True, allow_unused=True))
+    got = torch.autograd.grad(task + term, params, retain_graph=True, allow_unused=True)
+    assert_grads_close(got, torch.autograd.grad(task + expected, params, allow_unused=True))
+
+
+def test_setpoint_surrogate_without_the_setpoint_is_an_error():
+    config = DeftConfig(surrogate="setpoint", sparsity_setpoint=0.5)
+    with pytest.raises(DeftConfigError, match="build the tracker through DensityLossEngine"):
+        DensityTracker(make_model("llama"), config)
+
+
 def test_a_gradient_shared_with_another_branch_is_not_changed():
     """Autograd hands an addition's gradient to both of its inputs as one tensor; adding the surrogate's gradient
     to it in place would corrupt the other input's gradient."""
@@ -144,7 +192,7 @@ def test_a_gradient_shared_with_another_branch_is_not_changed():
     weight = torch.randn(8, 8)
     a, z = torch.randn(6, 8, requires_grad=True), torch.randn(6, 8, requires_grad=True)
     other = z * 2  # made before the op, so its backward runs after the op's
-    routed, ssum, _ = density_tap(a, None, eps, (0.0,))
+    routed, ssum, _ = density_tap(a, None, "paper", eps, (0.0,))
     ((routed + other) @ weight).sum().add(ssum).backward()
 
     a2, z2 = a.detach().clone().requires_grad_(), z.detach().clone().requires_grad_()

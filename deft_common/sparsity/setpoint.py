@@ -216,6 +216,11 @@ class SparsitySetpoint:
             self._positions[key] = (positions, positions // width)
         return self._positions[key]
 
+    def threshold(self, name: str) -> torch.Tensor | None:
+        """τ of block `name` in the latest masked training forward (a 0-dim tensor on its device), None before the
+        first (DeftConfig.surrogate "setpoint" bends there)."""
+        return self._taus.get(name)
+
     @property
     def last_thresholds(self) -> dict[str, float]:
         """Block name -> τ used in the latest training forward (reading it synchronises with the device)."""
