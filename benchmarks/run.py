@@ -204,17 +204,15 @@ def lm_figures(spec: Spec, in_process: bool) -> tuple[dict, dict]:
         figures[name] = {key: result[key] for key in LM_FIGURES if key in result} | {
             "usable_sparsity": ({c: usable_sparsity_perplexity(result["frontier"], reference, c) for c in LM_CAPTURES}
                                 if reference is not None else None),
-            "training_density": lm_training_density(result["history"], settings.deft)}
+            "training_density": lm_training_density(result["history"])}
     data = {"train_texts": len(train), "held_out_texts": len(held_out), "format": "chat" if chat_template else "plain"}
     return data, figures
 
 
-def lm_training_density(history: list[dict], config) -> float | None:
+def lm_training_density(history: list[dict]) -> float | None:
     """The mean training density ("deft/density" in the trainer's logs) over the masked ones of the last 20 steps
-    (a logged step k trained dense when the set-point's is_dense_step(k - 1)); None without DEFT's logs."""
-    every = config.setpoint_dense_every if config.sparsity_setpoint is not None else 0
-    tail = [h["deft/density"] for h in history[-20:] if "deft/density" in h
-            and not (every and (h["step"] - 1) % every == every - 1)]
+    (the demo marks the set-point's dense steps in the history); None without DEFT's logs."""
+    tail = [h["deft/density"] for h in history[-20:] if "deft/density" in h and not h.get("dense_step")]
     return sum(tail) / len(tail) if tail else None
 
 

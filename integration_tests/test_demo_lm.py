@@ -140,6 +140,11 @@ def test_deft_run_trained_with_the_setpoint_through_the_trl_mixin(job):
     history = results["deft"]["history"]
     assert len(history) == STEPS and all("deft/density" in h for h in history)
     assert all("deft/density" not in h for h in results["peft"]["history"])  # plain SFTTrainer, no hooks
+    # 1 step in 3 trains dense (the optimizer step after 2, 5, ... steps done), marked in the history: there the
+    # exact-zero density of SiLU is 1, on the masked steps after the ramp's start it is below
+    dense = [h["step"] for h in history if h.get("dense_step")]
+    assert dense == [k for k in range(1, STEPS + 1) if (k - 1) % 3 == 2] and dense
+    assert all((h["deft/density"] > 0.99) == bool(h.get("dense_step")) for h in history[1:])
     assert results["format"] == "chat"
 
 

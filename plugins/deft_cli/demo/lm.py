@@ -353,9 +353,13 @@ def train_and_score_lm(settings: LmSettings, use_deft: bool, train: list[dict], 
         trainer.train()
         train_seconds = time.perf_counter() - start
         peak = _peak_memory(device, rss_before)
+        setpoint = trainer.deft_engine.setpoint if use_deft else None
         history = [{"step": h["step"], **{k: round(v, 6) for k, v in h.items() if isinstance(v, (int, float))
                                           and (k in ("loss", "learning_rate") or k.count("/") == 1 and
-                                               k.startswith("deft/"))}}
+                                               k.startswith("deft/"))},
+                    # the log of step k is that of the forward after k - 1 steps: dense when the set-point says so
+                    **({"dense_step": True} if setpoint is not None and setpoint.is_dense_step(h["step"] - 1)
+                       else {})}
                    for h in trainer.state.log_history if "loss" in h]
     if progress is not None:
         progress.finished(name, "training", progress.training_seconds(train_seconds))
