@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import pathlib
-import sys
 
 import pytest
 import torch
 
-from deft_cli import inference_bench  # noqa: E402
+from deft_cli import inference_bench
 
 MLP_KEYS = {"shape", "gated", "dtype", "density", "dense_ms", "sparse_ms", "speedup", "limit", "fraction_of_limit"}
 DECODE_KEYS = {"density", "dense_tokens_per_s", "sparse_tokens_per_s", "speedup", "limit"}

@@ -9,7 +9,7 @@ import torch
 from core_reference import FAMILY_CAPTURES, ActivationRecorder, real_token_masks
 from deft_common import (DeftConfig, DeftConfigError, DeftInputError, DeftThresholdsError, SparsityThresholds,
                          ThresholdsWarning, apply_thresholds, calibrate_thresholds, find_mlp_sites)
-from fixtures import ENCODER_DECODER, ENCODER_ONLY, make_batch, make_model
+from fixtures import make_batch, make_model
 
 peft = pytest.importorskip("peft")
 
