@@ -132,6 +132,10 @@ def test_decode_runs_at_deft_usable_sparsity_else_within_reach_of_its_own_dense_
     assert "own dense" in rules["act"] and "usable" in rules["down_in"]
     chosen, rules = decode_sparsities(points, reference=10.0, own_dense=9.0)
     assert chosen["act"] == 0.0 and "dense" in rules["act"]
+    # a DEFT run without a PEFT run (benchmarks/run.py --set runs=deft): its own dense perplexity, said so
+    chosen, rules = decode_sparsities(points, reference=None, own_dense=10.4)
+    assert chosen == {"act": 0.3, "down_in": 0.5}
+    assert all(rule.startswith("no PEFT run to compare with: ") for rule in rules.values())
 
 
 def test_deft_run_trained_with_the_setpoint_through_the_trl_mixin(job):

@@ -266,20 +266,22 @@ def decode_rows(model, tokenizer, prompt_ids: torch.Tensor, histograms: dict, us
     return rows
 
 
-def decode_sparsities(points: list[dict], reference: float, own_dense: float) -> tuple[dict, dict]:
+def decode_sparsities(points: list[dict], reference: float | None, own_dense: float) -> tuple[dict, dict]:
     """({capture: sparsity}, {capture: why}) the decode timing runs at: the DEFT run's usable sparsity (within
-    PERPLEXITY_TOLERANCE of dense PEFT); where it has none above 0, the largest grid sparsity within the same
-    tolerance of its own dense perplexity (so the kernels are timed at a sparsity the run holds), else 0."""
+    PERPLEXITY_TOLERANCE of dense PEFT, `reference`); where it has none above 0 (or without a PEFT run, reference
+    None), the largest grid sparsity within the same tolerance of its own dense perplexity (so the kernels are timed
+    at a sparsity the run holds), else 0."""
     chosen, rules = {}, {}
     for capture in LM_CAPTURES:
-        usable = usable_sparsity_perplexity(points, reference, capture)
+        usable = usable_sparsity_perplexity(points, reference, capture) if reference is not None else None
         if usable:
             chosen[capture], rules[capture] = usable, f"usable sparsity (within {PERPLEXITY_TOLERANCE:.0%} of dense PEFT)"
         else:
             own = usable_sparsity_perplexity(points, own_dense, capture) or 0.0
             chosen[capture] = own
-            rules[capture] = (f"no usable sparsity above 0: the largest within {PERPLEXITY_TOLERANCE:.0%} of DEFT's "
-                              "own dense perplexity" if own else "no sparsity within reach: dense")
+            why = "no usable sparsity above 0" if reference is not None else "no PEFT run to compare with"
+            rules[capture] = (f"{why}: the largest within {PERPLEXITY_TOLERANCE:.0%} of DEFT's own dense perplexity"
+                              if own else f"{why}, and no sparsity within reach: dense")
     return chosen, rules
 
 
@@ -385,7 +387,6 @@ def train_and_score_lm(settings: LmSettings, use_deft: bool, train: list[dict], 
     points, histograms = lm_frontier(model, calibration, held_batches, general, dense, grid, settings, bar)
     result["frontier"] = points
     if use_deft:
-        reference = reference if reference is not None else dense["perplexity"]
         chosen, rules = decode_sparsities(points, reference, dense["perplexity"])
         prompt = trainer_prompt(tokenizer, held_out[0], chat_template).to(device)
         result["decode"] = decode_rows(model, tokenizer, prompt, histograms, chosen, settings)
