@@ -9,6 +9,7 @@ import torch
 from deft_common import (
     DeftCheckpointingError,
     DeftConfig,
+    DensityLossEngine,
     DensityTracker,
     make_checkpointing_non_reentrant,
     uses_reentrant_checkpointing,
@@ -57,6 +58,31 @@ def test_non_reentrant_checkpointing_gives_the_same_loss_and_gradients(family, c
     torch.testing.assert_close(ckpt_density, density)
     assert ckpt_grads.keys() == grads.keys()
     assert_grads_close([ckpt_grads[n] for n in grads], list(grads.values()))
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_setpoint_surrogate_under_checkpointing_gives_the_same_loss_and_gradients(family):
+    """DeftConfig(surrogate="setpoint") bends at the set-point's τ: the recompute reuses the τ of its forward, on
+    the masked step and on the dense step after it."""
+    batch = make_batch(family)
+    config = DeftConfig(coef=5.0, surrogate="setpoint", sparsity_setpoint=0.6, setpoint_dense_every=2)
+    plain, checkpointed = make_model(family), make_model(family)
+    _enable_checkpointing(checkpointed, reentrant=False)
+    engines = [DensityLossEngine(m, config) for m in (plain, checkpointed)]
+    for step in (0, 1):  # masked, then dense
+        results = []
+        for model, engine in zip((plain, checkpointed), engines):
+            model.zero_grad(set_to_none=True)
+            with engine.recording(batch, step):
+                out = model(**batch)
+            term = engine.term(step)
+            (out.loss + term).backward()
+            results.append((term.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                            if p.grad is not None}))
+        (term, grads), (ckpt_term, ckpt_grads) = results
+        torch.testing.assert_close(ckpt_term, term)
+        assert ckpt_grads.keys() == grads.keys()
+        assert_grads_close([ckpt_grads[n] for n in grads], list(grads.values()))
 
 
 @pytest.mark.parametrize("family", ["llama", "t5", "bert", "gpt2"])
