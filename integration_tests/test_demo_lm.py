@@ -218,6 +218,14 @@ def test_classify_stays_the_default_job_with_its_settings():
     assert demo_settings(build_parser().parse_args(["demo", "--job", "lm"])) == LmSettings()
 
 
+def test_density_loss_flags_reach_both_jobs():
+    flags = ["--surrogate", "setpoint", "--coef", "2", "--setpoint-dense-every", "2"]
+    for job, setpoint in (("classify", 0.995), ("lm", 0.7)):
+        config = demo_settings(build_parser().parse_args(["demo", "--job", job, *flags])).deft
+        assert (config.surrogate, config.coef, config.setpoint_dense_every) == ("setpoint", 2.0, 2)
+        assert config.sparsity_setpoint == setpoint
+
+
 # ----------------------------------------------------------------------------------------------- refusal
 def test_no_frontier_for_a_run_whose_perplexity_did_not_improve_on_the_base_model(work, tmp_path):
     out = tmp_path / "out"

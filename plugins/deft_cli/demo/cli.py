@@ -86,7 +86,7 @@ def add_demo_command(subparsers) -> None:
                            "--sparsity-setpoint none")
     add_config_option(deft, "target_density", d.deft, type=_optional_float, note="default none (a fixed --coef)")
     for name, kind in (("controller_gain", float), ("controller_damping", float), ("coef_warmup_steps", int),
-                       ("eps", float)):
+                       ("eps", float), ("surrogate", str)):
         add_config_option(deft, name, d.deft, type=kind)
     ada = p.add_argument_group("ADA-DEFT (deft_common.adaptive)")
     ada.add_argument("--adaptive", action="store_true",
@@ -140,6 +140,16 @@ def _job_defaults(args, defaults: DemoSettings) -> None:
         args.lora_targets = targets if isinstance(targets, str) else ",".join(targets)
 
 
+# The DeftConfig fields both jobs take from their flags as given (the set-point and capture have job defaults).
+SHARED_DEFT_FLAGS = ("coef", "eps", "surrogate", "coef_warmup_steps", "setpoint_schedule", "setpoint_gradient",
+                     "setpoint_dense_every", "setpoint_ramp_steps", "target_density", "controller_gain",
+                     "controller_damping")
+
+
+def deft_fields(args) -> dict:
+    return {name: getattr(args, name) for name in SHARED_DEFT_FLAGS}
+
+
 def demo_settings(args) -> DemoSettings:
     """The DemoSettings (LmSettings for --job lm) of `deft demo`'s arguments, every one checked (before any data or
     model loads)."""
@@ -171,11 +181,7 @@ def demo_settings(args) -> DemoSettings:
         raise DeftArgumentError("--skip-budget and --skip-threshold choose the blocks ADA-DEFT skips; add --adaptive")
     try:
         settings.deft = demo_deft_config(
-            args.steps, coef=args.coef, eps=args.eps, coef_warmup_steps=args.coef_warmup_steps,
-            sparsity_setpoint=args.sparsity_setpoint, setpoint_schedule=args.setpoint_schedule,
-            setpoint_gradient=args.setpoint_gradient, setpoint_dense_every=args.setpoint_dense_every,
-            setpoint_ramp_steps=args.setpoint_ramp_steps, target_density=args.target_density,
-            controller_gain=args.controller_gain, controller_damping=args.controller_damping, **adaptive,
+            args.steps, sparsity_setpoint=args.sparsity_setpoint, **deft_fields(args), **adaptive,
             **({} if capture is JOB_DEFAULT else {"capture": capture}))
     except DeftConfigError as err:
         raise config_error_with_flags(err) from err
@@ -203,12 +209,7 @@ def lm_settings(args) -> LmSettings:
     setpoint = LM_SETPOINT if args.sparsity_setpoint is JOB_DEFAULT else args.sparsity_setpoint
     capture = LM_CAPTURE if args.capture is JOB_DEFAULT else args.capture
     try:
-        settings.deft = lm_deft_config(
-            args.steps, coef=args.coef, eps=args.eps, coef_warmup_steps=args.coef_warmup_steps,
-            sparsity_setpoint=setpoint, setpoint_schedule=args.setpoint_schedule,
-            setpoint_gradient=args.setpoint_gradient, setpoint_dense_every=args.setpoint_dense_every,
-            setpoint_ramp_steps=args.setpoint_ramp_steps, target_density=args.target_density,
-            controller_gain=args.controller_gain, controller_damping=args.controller_damping, capture=capture)
+        settings.deft = lm_deft_config(args.steps, sparsity_setpoint=setpoint, capture=capture, **deft_fields(args))
     except DeftConfigError as err:
         raise config_error_with_flags(err) from err
     return settings
