@@ -91,7 +91,7 @@ def test_runner_records_the_lm_job_and_its_failures(tmp_path):
            "--set", "grid=[0.5]", "--out", str(out), "--in-process"]
     row = run.main([*job, "--set", "steps=6", "--set", "learning_rate=0.01", "--name", "tiny"])
     assert row["job"] == "lm" and row["data"] == {"train_texts": 32, "held_out_texts": 8, "format": "chat"}
-    assert row["spec"]["deft_config"]["sparsity_setpoint"] == 0.7 and row["spec"]["grid"] == [0.0, 0.5]
+    assert row["spec"]["deft_config"]["sparsity_setpoint"] == 0.5 and row["spec"]["grid"] == [0.0, 0.5]
     peft, deft = row["figures"]["peft"], row["figures"]["deft"]
     for figures in (peft, deft):
         assert {(p["sparsity"], p["capture"]) for p in figures["frontier"]} == {

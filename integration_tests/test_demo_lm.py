@@ -140,14 +140,15 @@ def test_decode_runs_at_deft_usable_sparsity_else_within_reach_of_its_own_dense_
 
 def test_deft_run_trained_with_the_setpoint_through_the_trl_mixin(job):
     results, _ = job
-    assert results["deft_config"]["sparsity_setpoint"] == 0.7 and results["deft_config"]["capture"] == "act"
+    config = results["deft_config"]
+    assert (config["sparsity_setpoint"], config["setpoint_dense_every"], config["capture"]) == (0.5, 2, "act")
     history = results["deft"]["history"]
     assert len(history) == STEPS and all("deft/density" in h for h in history)
     assert all("deft/density" not in h for h in results["peft"]["history"])  # plain SFTTrainer, no hooks
-    # 1 step in 3 trains dense (the optimizer step after 2, 5, ... steps done), marked in the history: there the
+    # 1 step in 2 trains dense (the optimizer step after 1, 3, ... steps done), marked in the history: there the
     # exact-zero density of SiLU is 1, on the masked steps after the ramp's start it is below
     dense = [h["step"] for h in history if h.get("dense_step")]
-    assert dense == [k for k in range(1, STEPS + 1) if (k - 1) % 3 == 2] and dense
+    assert dense == [k for k in range(1, STEPS + 1) if (k - 1) % 2 == 1] and dense
     assert all((h["deft/density"] > 0.99) == bool(h.get("dense_step")) for h in history[1:])
     assert results["format"] == "chat"
 
@@ -218,12 +219,17 @@ def test_classify_stays_the_default_job_with_its_settings():
     assert demo_settings(build_parser().parse_args(["demo", "--job", "lm"])) == LmSettings()
 
 
-def test_density_loss_flags_reach_both_jobs():
-    flags = ["--surrogate", "setpoint", "--coef", "2", "--setpoint-dense-every", "2"]
-    for job, setpoint in (("classify", 0.995), ("lm", 0.7)):
+def test_deft_flags_reach_both_jobs_over_their_own_defaults():
+    for job, setpoint, dense_every in (("classify", 0.995, 3), ("lm", 0.5, 2)):
+        config = demo_settings(build_parser().parse_args(["demo", "--job", job])).deft
+        assert (config.sparsity_setpoint, config.setpoint_dense_every, config.surrogate) == (setpoint, dense_every,
+                                                                                             "paper")
+        flags = ["--surrogate", "setpoint", "--coef", "2", "--setpoint-dense-every", "4", "--sparsity-setpoint", "0.6"]
         config = demo_settings(build_parser().parse_args(["demo", "--job", job, *flags])).deft
-        assert (config.surrogate, config.coef, config.setpoint_dense_every) == ("setpoint", 2.0, 2)
-        assert config.sparsity_setpoint == setpoint
+        assert (config.surrogate, config.coef, config.setpoint_dense_every, config.sparsity_setpoint) == (
+            "setpoint", 2.0, 4, 0.6)
+        config = demo_settings(build_parser().parse_args(["demo", "--job", job, "--sparsity-setpoint", "none"])).deft
+        assert config.sparsity_setpoint is None and config.setpoint_dense_every == 0
 
 
 # ----------------------------------------------------------------------------------------------- refusal

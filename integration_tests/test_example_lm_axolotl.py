@@ -41,6 +41,17 @@ def test_lm_data_writes_the_training_records_as_chat_messages(tmp_path):
     assert all(by_prompt[line["messages"][0]["content"]] == line["messages"][1]["content"] for line in lines)
 
 
+def test_the_example_deft_block_is_the_demos_deft_run():
+    """The YAML's `deft:` block and its max_steps are the LM job's defaults (deft_cli.demo.lm_deft_config)."""
+    yaml = pytest.importorskip("yaml")
+    from deft_cli.demo import LmSettings, lm_deft_config
+
+    example = yaml.safe_load(EXAMPLE.read_text())
+    assert example["max_steps"] == LmSettings().steps
+    expected = lm_deft_config(example["max_steps"]).to_dict()
+    assert {key: expected[key] for key in example["deft"]} == example["deft"]
+
+
 def test_axolotl_lm_example_trains_with_the_setpoint(tmp_path):
     if importlib.util.find_spec("axolotl") is None:
         pytest.skip("examples/axolotl/deft_lm_sft.yml needs axolotl (the axolotl test environment)")
@@ -60,5 +71,5 @@ def test_axolotl_lm_example_trains_with_the_setpoint(tmp_path):
     densities = re.findall(r"'deft/density': '?([0-9.e-]+)'?", output)
     setpoints = [float(v) for v in re.findall(r"'deft/sparsity_setpoint': '?([0-9.e-]+)'?", output)]
     assert len(densities) == STEPS, output[-3000:]  # max_steps, logging_steps: 1
-    assert setpoints and max(setpoints) == pytest.approx(0.7) and setpoints[0] < 0.7  # ramped to the set-point
+    assert setpoints and max(setpoints) == pytest.approx(0.5) and setpoints[0] < 0.5  # ramped to the set-point
     assert "DEFT: MLP activation density" in output

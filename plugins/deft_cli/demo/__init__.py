@@ -41,8 +41,8 @@ from .report import (ada_report, chance_level, chance_warnings, controller_summa
                      final_training_density, format_report, masked_steps, setpoint_training_density, summarise)
 from .settings import (ADA_SKIP_BUDGET, ADA_TARGET_DENSITY, ADA_TIMED_BATCHES, CALIBRATION_TEXTS, DEFAULT_TARGETS,
                        DEMO_DENSE_EVERY, DEMO_RAMP_SHARE, DEMO_SETPOINT, JOBS, LM_CALIBRATION_TEXTS, LM_CAPTURE,
-                       LM_CAPTURES, LM_SETPOINT, DemoSettings, LmSettings, calibration_count, demo_deft_config,
-                       demo_ramp_steps, lm_deft_config, parse_skip_budget, resolve_device)
+                       LM_CAPTURES, LM_DENSE_EVERY, LM_SETPOINT, DemoSettings, LmSettings, calibration_count,
+                       demo_deft_config, demo_ramp_steps, lm_deft_config, parse_skip_budget, resolve_device)
 from .train import TrainedRun, make_optimizer, optimizer_step, step_loss, train_run
 
 __all__ = [
@@ -57,7 +57,8 @@ __all__ = [
     "setpoint_training_density", "step_loss", "summarise", "train_and_evaluate", "train_run", "train_runs",
     "training_order",
     # --job lm
-    "GENERAL_TEXT", "GENERAL_TEXT_NAME", "JOBS", "LM_CALIBRATION_TEXTS", "LM_CAPTURE", "LM_CAPTURES", "LM_SETPOINT",
+    "GENERAL_TEXT", "GENERAL_TEXT_NAME", "JOBS", "LM_CALIBRATION_TEXTS", "LM_CAPTURE", "LM_CAPTURES", "LM_DENSE_EVERY",
+    "LM_SETPOINT",
     "LmSettings", "check_causal_lm", "decode_limit", "decode_rows", "format_lm_report", "lm_deft_config",
     "lm_frontier", "lm_settings", "load_lm_records", "perplexity", "plot_lm_frontier", "run_lm_demo",
     "summarise_lm", "train_and_score_lm",

@@ -7,9 +7,9 @@ from deft_common import DeftConfig, DeftConfigError
 from ..checks import DeftArgumentError, config_error_with_flags
 from ..data import reports_errors
 from .pipeline import run_demo
-from .settings import (ADA_SKIP_BUDGET, ADA_TARGET_DENSITY, CALIBRATION_TEXTS, DEMO_RAMP_SHARE, DEMO_SETPOINT,
-                       JOBS, LM_CALIBRATION_TEXTS, LM_CAPTURE, LM_SETPOINT, DemoSettings, LmSettings,
-                       demo_deft_config, lm_deft_config, parse_skip_budget)
+from .settings import (ADA_SKIP_BUDGET, ADA_TARGET_DENSITY, CALIBRATION_TEXTS, DEMO_DENSE_EVERY, DEMO_RAMP_SHARE,
+                       DEMO_SETPOINT, JOBS, LM_CALIBRATION_TEXTS, LM_CAPTURE, LM_DENSE_EVERY, LM_SETPOINT, DemoSettings,
+                       LmSettings, demo_deft_config, lm_deft_config, parse_skip_budget)
 
 # The default of an option whose default depends on --job (the classify job's, or LmSettings' for --job lm).
 JOB_DEFAULT = type("JobDefault", (), {"__repr__": lambda self: "the job's default"})()
@@ -80,7 +80,8 @@ def add_demo_command(subparsers) -> None:
                       note=f"default {DEMO_RAMP_SHARE:.0%} of --steps")
     add_config_option(deft, "setpoint_schedule", d.deft, type=str)
     add_config_option(deft, "setpoint_gradient", d.deft, type=str)
-    add_config_option(deft, "setpoint_dense_every", d.deft, type=int)
+    add_config_option(deft, "setpoint_dense_every", d.deft, type=int, default=JOB_DEFAULT,
+                      note=f"default {DEMO_DENSE_EVERY}, --job lm {LM_DENSE_EVERY}")
     add_config_option(deft, "coef", d.deft, type=float,
                       note="default 0 in the demo: the set-point alone; the paper's density loss is --coef 1 "
                            "--sparsity-setpoint none")
@@ -140,14 +141,16 @@ def _job_defaults(args, defaults: DemoSettings) -> None:
         args.lora_targets = targets if isinstance(targets, str) else ",".join(targets)
 
 
-# The DeftConfig fields both jobs take from their flags as given (the set-point and capture have job defaults).
-SHARED_DEFT_FLAGS = ("coef", "eps", "surrogate", "coef_warmup_steps", "setpoint_schedule", "setpoint_gradient",
-                     "setpoint_dense_every", "setpoint_ramp_steps", "target_density", "controller_gain",
-                     "controller_damping")
+# The DeftConfig fields both jobs take from their flags.
+DEFT_FLAGS = ("sparsity_setpoint", "capture", "setpoint_dense_every", "coef", "eps", "surrogate", "coef_warmup_steps",
+              "setpoint_schedule", "setpoint_gradient", "setpoint_ramp_steps", "target_density", "controller_gain",
+              "controller_damping")
 
 
 def deft_fields(args) -> dict:
-    return {name: getattr(args, name) for name in SHARED_DEFT_FLAGS}
+    """The DeftConfig fields the flags give; those left at JOB_DEFAULT are left out, so the job's own default
+    (demo_deft_config, lm_deft_config) applies."""
+    return {name: value for name in DEFT_FLAGS if (value := getattr(args, name, JOB_DEFAULT)) is not JOB_DEFAULT}
 
 
 def demo_settings(args) -> DemoSettings:
@@ -157,9 +160,6 @@ def demo_settings(args) -> DemoSettings:
     if job == "lm":
         return lm_settings(args)
     _job_defaults(args, DemoSettings())
-    if getattr(args, "sparsity_setpoint", DEMO_SETPOINT) is JOB_DEFAULT:
-        args.sparsity_setpoint = DEMO_SETPOINT
-    capture = getattr(args, "capture", JOB_DEFAULT)
     targets = args.lora_targets if args.lora_targets == "all-linear" else [t for t in args.lora_targets.split(",") if t]
     settings = DemoSettings(
         model=args.model, data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size,
@@ -180,9 +180,7 @@ def demo_settings(args) -> DemoSettings:
     elif args.skip_budget is not None or args.skip_threshold is not None:
         raise DeftArgumentError("--skip-budget and --skip-threshold choose the blocks ADA-DEFT skips; add --adaptive")
     try:
-        settings.deft = demo_deft_config(
-            args.steps, sparsity_setpoint=args.sparsity_setpoint, **deft_fields(args), **adaptive,
-            **({} if capture is JOB_DEFAULT else {"capture": capture}))
+        settings.deft = demo_deft_config(args.steps, **deft_fields(args), **adaptive)
     except DeftConfigError as err:
         raise config_error_with_flags(err) from err
     return settings
@@ -206,10 +204,8 @@ def lm_settings(args) -> LmSettings:
         lora_targets=targets, train_size=args.train_size, eval_size=args.eval_size, seed=args.seed,
         device=args.device, calibration_texts=args.calibration_texts)
     settings.check()
-    setpoint = LM_SETPOINT if args.sparsity_setpoint is JOB_DEFAULT else args.sparsity_setpoint
-    capture = LM_CAPTURE if args.capture is JOB_DEFAULT else args.capture
     try:
-        settings.deft = lm_deft_config(args.steps, sparsity_setpoint=setpoint, capture=capture, **deft_fields(args))
+        settings.deft = lm_deft_config(args.steps, **deft_fields(args))
     except DeftConfigError as err:
         raise config_error_with_flags(err) from err
     return settings

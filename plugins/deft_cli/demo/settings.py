@@ -94,17 +94,21 @@ JOBS = ("classify", "lm")  # `deft demo --job`: the MiniLM classification demo (
 LM_CAPTURES = ("act", "down_in")  # the frontier and the decode timing cover both capture points
 LM_CAPTURE = "act"  # the DEFT run's capture point: the gate side, where the gated sparse kernel skips the most bytes
 # The DEFT run's set-point in the LM job: the classification demo's recipe (no density loss, ramp over 60% of the
-# steps, 1 step in 3 dense) at a sparsity inside the LM frontier's grid (0.3 ... 0.9). Not tuned: change it here or
-# with --sparsity-setpoint.
-LM_SETPOINT = 0.7
+# steps) at 0.5, with 1 step in 2 dense: of the variants measured (README, benchmarks/results/lm.jsonl) the one with
+# the largest usable sparsity at "act" (0.3 in each of seeds 0-2, PEFT 0) and a dense perplexity within 2% of PEFT's
+# (+1.4% +- 0.4); the classification recipe at 0.7 gave +4.9% and no usable sparsity. --sparsity-setpoint and
+# --setpoint-dense-every change them.
+LM_SETPOINT = 0.5
+LM_DENSE_EVERY = 2
 LM_CALIBRATION_TEXTS = 32  # training texts the LM frontier's thresholds are calibrated on, unless told otherwise
 LM_PROMPTS = {1: "Write a positive movie review.", 0: "Write a negative movie review."}  # IMDB label -> prompt
 
 
 def lm_deft_config(steps: int, **fields) -> DeftConfig:
-    """The LM job's DEFT settings: demo_deft_config with the set-point LM_SETPOINT at LM_CAPTURE; `fields` change
-    them (sparsity_setpoint None: no set-point)."""
-    return demo_deft_config(steps, **({"sparsity_setpoint": LM_SETPOINT, "capture": LM_CAPTURE} | fields))
+    """The LM job's DEFT settings: demo_deft_config with the set-point LM_SETPOINT at LM_CAPTURE, 1 step in
+    LM_DENSE_EVERY dense; `fields` change them (sparsity_setpoint None: no set-point)."""
+    return demo_deft_config(steps, **({"sparsity_setpoint": LM_SETPOINT, "capture": LM_CAPTURE,
+                                       "setpoint_dense_every": LM_DENSE_EVERY} | fields))
 
 
 @dataclass
