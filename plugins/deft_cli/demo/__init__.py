@@ -58,8 +58,7 @@ __all__ = [
     "training_order",
     # --job lm
     "GENERAL_TEXT", "GENERAL_TEXT_NAME", "JOBS", "LM_CALIBRATION_TEXTS", "LM_CAPTURE", "LM_CAPTURES", "LM_DENSE_EVERY",
-    "LM_SETPOINT",
-    "LmSettings", "check_causal_lm", "decode_limit", "decode_rows", "format_lm_report", "lm_deft_config",
-    "lm_frontier", "lm_settings", "load_lm_records", "perplexity", "plot_lm_frontier", "run_lm_demo",
-    "summarise_lm", "train_and_score_lm",
+    "LM_SETPOINT", "LmSettings", "check_causal_lm", "decode_limit", "decode_rows", "format_lm_report",
+    "lm_deft_config", "lm_frontier", "lm_settings", "load_lm_records", "perplexity", "plot_lm_frontier",
+    "run_lm_demo", "summarise_lm", "train_and_score_lm",
 ]
