@@ -204,16 +204,9 @@ def lm_figures(spec: Spec, in_process: bool) -> tuple[dict, dict]:
         figures[name] = {key: result[key] for key in LM_FIGURES if key in result} | {
             "usable_sparsity": ({c: usable_sparsity_perplexity(result["frontier"], reference, c) for c in LM_CAPTURES}
                                 if reference is not None else None),
-            "training_density": lm_training_density(result["history"])}
+            "training_density": final_training_density(result["history"], "deft/density")}
     data = {"train_texts": len(train), "held_out_texts": len(held_out), "format": "chat" if chat_template else "plain"}
     return data, figures
-
-
-def lm_training_density(history: list[dict]) -> float | None:
-    """The mean training density ("deft/density" in the trainer's logs) over the masked ones of the last 20 steps
-    (the demo marks the set-point's dense steps in the history); None without DEFT's logs."""
-    tail = [h["deft/density"] for h in history[-20:] if "deft/density" in h and not h.get("dense_step")]
-    return sum(tail) / len(tail) if tail else None
 
 
 def failures(row: dict) -> list[str]:

@@ -123,7 +123,8 @@ def add_surrogate_grad(
             torch.sign(x, out=buf).mul_(x.abs() < knee)  # sign(a) where |a| < τ
             torch.addcmul(grad[rows], buf, scale32, out=out[rows])
         else:
-            torch.addcmul(one, x, x, value=1.0 / knee, out=buf).square_().mul_(inv_scale)  # (1 + a²/ε)² · ε/(2·scale)
+            # (1 + a²/ε)² · ε / (2·scale)
+            torch.addcmul(one, x, x, value=1.0 / knee, out=buf).square_().mul_(inv_scale)
             torch.addcdiv(grad[rows], x, buf, out=out[rows])
     if kept is not None:
         out[pad_rows] = kept

@@ -102,22 +102,27 @@ def real_token_masks(family: str, batch: dict, virtual_tokens: int = 0) -> dict[
 
 
 def hand_layer_losses(recorder: ActivationRecorder, masks: dict, eps: float, dtype=torch.float32,
-                      l1: bool = False) -> dict[str, torch.Tensor]:
-    """Per block: mean of a²/(a²+ε) (l1: |a|) over real positions and hidden units, in `dtype` (differentiable)."""
+                      l1: bool = False, taus: dict | None = None) -> dict[str, torch.Tensor]:
+    """Per block: mean of a²/(a²+ε) (l1: |a|; taus, {block: τ}: min(|a|, τ)/τ) over real positions and hidden units,
+    in `dtype` (differentiable)."""
     out = {}
     for block, tensors in recorder.acts.items():
         values = []
         for a in tensors:
             mask = masks[recorder.stacks[block]]
             a = a.to(dtype).reshape(*mask.shape, a.shape[-1])  # OPT flattens (batch, seq) before its MLP
-            s = a.abs() if l1 else a * a / (a * a + eps)
+            if taus is not None:
+                s = a.abs().clamp(max=taus[block]) / taus[block]
+            else:
+                s = a.abs() if l1 else a * a / (a * a + eps)
             values.append(s[mask])  # (real positions, hidden)
         out[block] = torch.cat(values).mean()
     return out
 
 
-def hand_loss(recorder: ActivationRecorder, masks: dict, eps: float, dtype=torch.float32, l1: bool = False) -> torch.Tensor:
-    return torch.stack(list(hand_layer_losses(recorder, masks, eps, dtype, l1).values())).mean()
+def hand_loss(recorder: ActivationRecorder, masks: dict, eps: float, dtype=torch.float32, l1: bool = False,
+              taus: dict | None = None) -> torch.Tensor:
+    return torch.stack(list(hand_layer_losses(recorder, masks, eps, dtype, l1, taus).values())).mean()
 
 
 def hand_counts(recorder: ActivationRecorder, masks: dict, threshold: float) -> dict[str, tuple[int, int]]:

@@ -275,7 +275,8 @@ def decode_sparsities(points: list[dict], reference: float | None, own_dense: fl
     for capture in LM_CAPTURES:
         usable = usable_sparsity_perplexity(points, reference, capture) if reference is not None else None
         if usable:
-            chosen[capture], rules[capture] = usable, f"usable sparsity (within {PERPLEXITY_TOLERANCE:.0%} of dense PEFT)"
+            chosen[capture] = usable
+            rules[capture] = f"usable sparsity (within {PERPLEXITY_TOLERANCE:.0%} of dense PEFT)"
         else:
             own = usable_sparsity_perplexity(points, own_dense, capture) or 0.0
             chosen[capture] = own

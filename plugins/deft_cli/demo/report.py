@@ -84,9 +84,10 @@ def masked_steps(history: list[dict]) -> list[dict]:
     return [h for h in history if not h.get("dense_step")]
 
 
-def final_training_density(history: list[dict]) -> float | None:
-    """The mean training density over the masked ones of the last CONTROLLER_TAIL steps (None: no DEFT run)."""
-    tail = [h["density"] for h in masked_steps(history[-CONTROLLER_TAIL:]) if "density" in h]
+def final_training_density(history: list[dict], key: str = "density") -> float | None:
+    """The mean training density over the masked ones of the last CONTROLLER_TAIL steps (None: no DEFT run).
+    `key`: the density's name in the history ("deft/density" in the LM job's, the trainer's logs)."""
+    tail = [h[key] for h in masked_steps(history[-CONTROLLER_TAIL:]) if key in h]
     return sum(tail) / len(tail) if tail else None
 
 
