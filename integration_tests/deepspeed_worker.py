@@ -278,7 +278,14 @@ def run_engine(path: pathlib.Path) -> None:
     torch.save(results, path)
 
 
+# deepspeed 0.18.9 on CPU now and then returns garbage for one gradient of a ZeRO-3 step in 2 processes, with or
+# without DEFT (measured: 5 of 160 plain steps, 10 of 160 with DEFT; 0 of 132 each on deepspeed 0.19.8). So every
+# 2-process run is repeated, and the tests ask the repeats to agree with one process (test_deepspeed.py).
+REPEATS_2PROC = 5
+
+
 def run_engine_2proc(path: pathlib.Path) -> None:
+    """Each entry is a list of REPEATS_2PROC runs, each from a fresh model and engine."""
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
@@ -287,13 +294,18 @@ def run_engine_2proc(path: pathlib.Path) -> None:
     per_rank = ROWS // world
     results = {"world_size": world}
     for stage in (2, 3):
-        results[f"stage{stage}"] = deepspeed_step(full, stage, micro=per_rank, first_row=rank * per_rank)
-        if "error" in results[f"stage{stage}"]:  # does DeepSpeed run this setup at all, without DEFT?
-            results[f"stage{stage}_plain"] = deepspeed_step(full, stage, micro=per_rank, first_row=rank * per_rank,
-                                                            config=None)
-        if "error" not in results[f"stage{stage}"]:
-            results[f"thresholds_stage{stage}"] = thresholds_after_training(
-                full, stage, path.parent / f"thresholds{stage}", micro=per_rank, first_row=rank * per_rank)
+        def step(config=CONFIG):
+            return deepspeed_step(full, stage, micro=per_rank, first_row=rank * per_rank, config=config)
+
+        results[f"stage{stage}"] = runs = [step()]
+        if "error" in runs[0]:  # does DeepSpeed run this setup at all, without DEFT?
+            results[f"stage{stage}_plain"] = step(config=None)
+            continue
+        runs += [step() for _ in range(REPEATS_2PROC - 1)]
+        results[f"thresholds_stage{stage}"] = [
+            thresholds_after_training(full, stage, path.parent / f"thresholds{stage}_{repeat}", micro=per_rank,
+                                      first_row=rank * per_rank)
+            for repeat in range(REPEATS_2PROC)]
     if rank == 0:
         torch.save(results, path)
 
