@@ -13,7 +13,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (apply_a
                                                                          checkpoint_wrapper)
 
 from deft_common import (DeftConfig, DensityLossEngine, SparsityThresholds, apply_thresholds, calibrate_thresholds,
-                         find_mlp_sites)
+                         find_mlp_sites, install_sparse_mlp)
 from fixtures import make_batch, make_model
 
 PLAIN = ["model.layers.0.mlp", "model.layers.1.mlp"]
@@ -85,3 +85,25 @@ def test_a_compiled_model_keeps_the_plain_names():
     compiled = torch.compile(make_model("llama"))
     assert any(name.startswith("_orig_mod.") for name, _ in compiled.named_modules())
     assert [site.name for site in find_mlp_sites(compiled)] == PLAIN
+
+
+
+@pytest.mark.parametrize("capture", ["act", "down_in"])
+def test_sparse_kernel_runs_the_blocks_inside_checkpoint_wrappers(capture):
+    # The plain block names are no module paths of the wrapped model (`layers.0._checkpoint_wrapped_module.mlp`);
+    # the sparse kernel still finds each block (the wrapper forwards attributes) and computes what the mask computes.
+    model = _checkpointed("LlamaDecoderLayer").eval()
+    batch = make_batch("llama", batch_size=1, seq_len=8)
+    thresholds = calibrate_thresholds(model, [batch], sparsity=0.7, config=DeftConfig(capture=capture))
+    with torch.no_grad():
+        with apply_thresholds(model, thresholds, kernel="mask"):
+            masked = model(**batch).logits
+        handles = [install_sparse_mlp(model, site, thresholds.thresholds[site.name], capture,
+                                      max_active_fraction=1.0, max_rows=64)
+                   for site in find_mlp_sites(model, capture=capture)]
+        sparse = model(**batch).logits
+    for handle in handles:
+        handle.remove()
+    assert [handle.site.name for handle in handles] == PLAIN
+    assert all(handle.calls["sparse"] > 0 for handle in handles)
+    torch.testing.assert_close(sparse, masked, rtol=1e-4, atol=1e-5)
