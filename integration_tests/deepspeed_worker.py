@@ -279,8 +279,8 @@ def run_engine(path: pathlib.Path) -> None:
 
 
 # deepspeed 0.18.9 on CPU now and then returns garbage for one gradient of a ZeRO-3 step in 2 processes, with or
-# without DEFT (measured: 5 of 160 plain steps, 10 of 160 with DEFT; 0 of 132 each on deepspeed 0.19.8). So every
-# 2-process run is repeated, and the tests ask the repeats to agree with one process (test_deepspeed.py).
+# without DEFT (measured with deepspeed_step: 4 of 102 plain steps, 12 of 102 with DEFT; none of 66 each on deepspeed
+# 0.19.8). So every 2-process run is repeated, and the tests compare the repeats with one process (test_deepspeed.py).
 REPEATS_2PROC = 5
 
 
