@@ -142,7 +142,8 @@ def test_two_processes_agree_with_one(engine, two_processes, stage):
         # e.g. deepspeed 0.18.9 + torch 2.13: ZeRO-1/2 optimizer step fails in a gloo all_gather_into_tensor
         pytest.skip(f"deepspeed {engine['deepspeed_version']} cannot run ZeRO-{stage} in 2 CPU processes even "
                     f"without DEFT: {plain['error'][:200]}")
-    assert "error" not in run[0], run[0]["error"]
+    errors = [repeat["error"] for repeat in run if "error" in repeat]
+    assert not errors, errors
     single = engine["full_stage0_1x4"]  # the same 4 rows in one process
     _assert_repeats_agree(engine, [_weights_differ(repeat["delta"], single["delta"]) for repeat in run])
     for repeat in run:  # last_metrics() is global across processes
