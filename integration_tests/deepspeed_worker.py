@@ -285,7 +285,9 @@ REPEATS_2PROC = 5
 
 
 def run_engine_2proc(path: pathlib.Path) -> None:
-    """Each entry is a list of REPEATS_2PROC runs, each from a fresh model and engine."""
+    """Per ZeRO stage, "stage{N}" and "thresholds_stage{N}": lists of REPEATS_2PROC runs, each from a fresh model and
+    engine; when DeepSpeed fails the first step, "stage{N}" holds that one failed run and "stage{N}_plain" the same
+    step without DEFT."""
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")

@@ -87,7 +87,6 @@ def test_a_compiled_model_keeps_the_plain_names():
     assert [site.name for site in find_mlp_sites(compiled)] == PLAIN
 
 
-
 @pytest.mark.parametrize("capture", ["act", "down_in"])
 def test_sparse_kernel_runs_the_blocks_inside_checkpoint_wrappers(capture):
     # The plain block names are no module paths of the wrapped model (`layers.0._checkpoint_wrapped_module.mlp`);

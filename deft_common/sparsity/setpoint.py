@@ -27,8 +27,8 @@ the op that made it did not keep it for backward (sparsity.zeroing.may_overwrite
 set-point that keeps the activation sees it masked. A gradient-checkpoint recompute reuses the τ of its forward.
 It is the "setpoint" stage of deft_common.capture, so the density tracker measures what it leaves. The mask acts
 only when the hooked module is in training mode and gradients are enabled: evaluation and generate() see the model
-untouched. With `dense_every=n` every n-th optimizer step trains without
-the mask, so the model learns to be accurate both dense and thresholded.
+untouched. With `dense_every=n` every n-th optimizer step trains without the mask, so the model learns to be accurate
+both dense and thresholded.
 
 Gradient through the mask: "mask" (the zeroed entries pass no gradient, as CATS) or "ste" (straight-through, the
 gradient of the dense activation, as Q-Sparse).
