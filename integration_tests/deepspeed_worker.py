@@ -310,7 +310,7 @@ def run_engine_2proc(path: pathlib.Path) -> None:
             for repeat in range(REPEATS_2PROC)]
     if rank == 0:
         torch.save(results, path)
-    torch.distributed.destroy_process_group()  # exiting with the gloo group alive can abort in its teardown (SIGABRT)
+    torch.distributed.destroy_process_group()  # release the gloo group before exit, as torch asks
 
 
 # ---------------------------------------------------------------------------------------------- HF Trainer

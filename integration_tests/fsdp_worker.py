@@ -208,7 +208,7 @@ def main(out: str, runs: str) -> None:
         results[run] = train(kind, engine, directory, world)
     if torch.distributed.get_rank() == 0:
         torch.save(results, out)
-    torch.distributed.destroy_process_group()  # exiting with the gloo group alive can abort in its teardown (SIGABRT)
+    torch.distributed.destroy_process_group()  # release the gloo group before exit, as torch asks
 
 
 if __name__ == "__main__":
