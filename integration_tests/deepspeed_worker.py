@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 from deft_common import DeftConfig, DensityTracker  # noqa: E402
 from fixtures import make_batch, make_collator, make_model, make_train_dataset  # noqa: E402
+from processes import end_distributed_worker  # noqa: E402
 from reference import lora_model as with_lora  # noqa: E402
 from reference import reference_step  # noqa: E402
 
@@ -310,7 +311,7 @@ def run_engine_2proc(path: pathlib.Path) -> None:
             for repeat in range(REPEATS_2PROC)]
     if rank == 0:
         torch.save(results, path)
-    torch.distributed.destroy_process_group()  # release the gloo group before exit, as torch asks
+    end_distributed_worker()
 
 
 # ---------------------------------------------------------------------------------------------- HF Trainer

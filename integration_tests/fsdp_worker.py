@@ -37,6 +37,7 @@ for path in (HERE.parent / "plugins", HERE.parent, HERE):
 
 import torch  # noqa: E402
 from fixtures import make_batch, make_model, make_tokenizer  # noqa: E402
+from processes import end_distributed_worker  # noqa: E402
 from reference import dataset_from_batch, disable_dropout, lora_model  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator  # noqa: E402
 
@@ -208,7 +209,7 @@ def main(out: str, runs: str) -> None:
         results[run] = train(kind, engine, directory, world)
     if torch.distributed.get_rank() == 0:
         torch.save(results, out)
-    torch.distributed.destroy_process_group()  # release the gloo group before exit, as torch asks
+    end_distributed_worker()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parent / "plugins")]
 
 import torch  # noqa: E402
 from fixtures import make_batch, make_model  # noqa: E402
+from processes import end_distributed_worker  # noqa: E402
 from reference import GradCapture, dataset_from_batch, disable_dropout  # noqa: E402
 from test_hf import build_trainer, train_logs  # noqa: E402
 
@@ -32,7 +33,7 @@ def main(out_path: str) -> None:
         results[kind] = {"grads": capture.grads, "log": train_logs(trainer)[0]}
     if torch.distributed.get_rank() == 0:
         torch.save(results, out_path)
-    torch.distributed.destroy_process_group()  # release the gloo group before exit, as torch asks
+    end_distributed_worker()
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@ that 2 processes × 1 row × 2 accumulation steps give the gradients of one proc
 
 from __future__ import annotations
 
-import os
 import pathlib
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import sys
 import pytest
 import torch
 from fixtures import make_batch, make_model
+from processes import subprocess_env
 from reference import assert_grads_close, disable_dropout, reference_step
 
 from deft_common import DeftConfig
@@ -20,7 +20,7 @@ WORKER = pathlib.Path(__file__).resolve().parent / "hf_ddp_worker.py"
 
 def test_two_processes_with_accumulation_equal_one_process_on_the_whole_batch(tmp_path):
     out = tmp_path / "results.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    env = {**subprocess_env(), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
                str(out)]
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
