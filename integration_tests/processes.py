@@ -52,11 +52,11 @@ def end_distributed_worker() -> None:
     DDP keeps its own reference to the gloo group, so the group's threads (gloo_tcp_loop, pt_gloo_runloop) outlive
     destroy_process_group (measured, with a bare DDP module too) and are still running when the interpreter tears
     down at exit. A rank of the HF DDP worker was killed by SIGABRT ("terminate called without an active
-    exception") after its training: in 3 of the last 7 full test runs, never in 48 launches of the worker on its
-    own; where exactly is not known. So: a barrier (no rank leaves while another still talks to it), the group
-    destroyed as torch asks, output flushed, then os._exit(0), which ends the process without that teardown. A
-    failure before this call still fails the worker, with its traceback; PYTHONFAULTHANDLER (subprocess_env)
-    prints the Python stacks of a rank killed by a signal."""
+    exception") after its training: in 3 of the last 7 full test runs, never in 108 launches of the worker on
+    its own (60 of them beside a full test run); where exactly is not known. So: a barrier (no rank leaves while
+    another still talks to it), the group destroyed as torch asks, output flushed, then os._exit(0), which ends
+    the process without that teardown. A failure before this call still fails the worker, with its traceback;
+    PYTHONFAULTHANDLER (subprocess_env) prints the Python stacks of a rank killed by a signal."""
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     sys.stdout.flush()
